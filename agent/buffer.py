@@ -1,0 +1,97 @@
+"""The hand-off between ``Run.log`` (training thread) and the sender thread.
+
+``log`` appends one tuple to a deque (atomic under the GIL, no lock, no allocation beyond
+the tuple and a dict copy); the sender drains the deque and turns records into columnar
+series, validating keys and converting deferred device tensors off the training thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from collections import Counter, deque
+from typing import Any
+
+from trimtab.protocol import MAX_KEY_LENGTH, scalar_series
+
+Record = tuple[int, float, dict[str, Any]]
+
+
+class Drops:
+    """Points or batches dropped, by reason; reported to the server in heartbeats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[reason] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+
+class Buffer:
+    def __init__(self, max_records: int, drops: Drops) -> None:
+        self._records: deque[Record] = deque()
+        self._max_records = max_records
+        self._drops = drops
+        self._valid_keys: set[str] = set()
+
+    def put(self, record: Record) -> bool:
+        """Called on the training thread; never blocks. False when full (the caller counts)."""
+        if len(self._records) >= self._max_records:
+            return False
+        self._records.append(record)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def drain(self, max_points: int) -> list[list[dict[str, Any]]]:
+        """Everything logged so far as lists of series, each list at most ``max_points`` points."""
+        batches: list[list[dict[str, Any]]] = []
+        cols: dict[str, tuple[array[int], array[float], array[float]]] = {}
+        n = 0
+        records = self._records
+        while records:
+            step, wall, data = records.popleft()
+            for key, value in data.items():
+                col = cols.get(key)
+                if col is None:
+                    if not self._key_ok(key):
+                        self._drops.add("bad_key")
+                        continue
+                    col = cols[key] = (array("q"), array("d"), array("d"))
+                try:
+                    col[2].append(value)
+                except Exception:  # a deferred tensor that will not convert, or a stray type
+                    self._drops.add("bad_value")
+                    continue
+                col[0].append(step)
+                col[1].append(wall)
+                n += 1
+            if n >= max_points:
+                batches.append(_series(cols))
+                cols, n = {}, 0
+        if n:
+            batches.append(_series(cols))
+        return batches
+
+    def _key_ok(self, key: object) -> bool:
+        if key in self._valid_keys:
+            return True
+        if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH:
+            self._valid_keys.add(key)
+            return True
+        return False
+
+
+def _series(cols: dict[str, tuple[array[int], array[float], array[float]]]) -> list[dict[str, Any]]:
+    return [scalar_series(k, s, w, v) for k, (s, w, v) in cols.items() if len(s)]

@@ -1,0 +1,106 @@
+"""The ``trimtab`` command. Server commands import the server lazily, so the agent-only
+install still has a working ``trimtab --help`` and a clear message for the rest."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trimtab.version import __version__
+
+_NEEDS_SERVER = "this command needs the server extra: pip install 'trimtab[server]'"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trimtab", description="Keep long training runs steady.")
+    parser.add_argument("--version", action="version", version=f"trimtab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    server = sub.add_parser("server", help="run the trimtab server (API, agent ingest)")
+    server.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    server.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    server.add_argument("--db", default=None, help="database URL (default: a SQLite file in --data-dir)")
+    server.add_argument("--data-dir", default=None, help="where the embedded SQLite database lives")
+    server.add_argument("--no-auth", action="store_true", help="disable tokens (loopback binds only)")
+    server.add_argument("--auto-upgrade", action="store_true", help="migrate the database on start")
+
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, text in (
+        ("upgrade", "migrate the database to this version's schema"),
+        ("current", "print the schema revision"),
+    ):
+        cmd = db_sub.add_parser(name, help=text)
+        cmd.add_argument("--db", default=None, help="database URL (default: the embedded SQLite file)")
+        cmd.add_argument("--data-dir", default=None)
+
+    token = sub.add_parser("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="create a token and print it (shown once)")
+    create.add_argument("--scopes", required=True, help="comma-separated: ingest,read,control,admin")
+    create.add_argument("--name", default="token", help="a label to recognise it by")
+    create.add_argument("--db", default=None)
+    create.add_argument("--data-dir", default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from trimtab.server.settings import Settings
+    except ImportError:
+        print(f"trimtab: {_NEEDS_SERVER}", file=sys.stderr)
+        return 2
+    overrides = {
+        "db_url": args.db,
+        "data_dir": args.data_dir,
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+    }
+    if getattr(args, "no_auth", False):
+        overrides["auth"] = False
+    if getattr(args, "auto_upgrade", False):
+        overrides["auto_upgrade"] = True
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+    if args.command == "server":
+        from trimtab.server.serve import serve
+
+        return serve(settings)
+    if args.command == "db":
+        from trimtab.server import migrate
+        from trimtab.server.engine import make_engine
+
+        if args.db_command == "upgrade":
+            migrate.upgrade(settings.database_url)
+            print(f"trimtab: database at revision {migrate.head_revision()}")
+            return 0
+        engine = make_engine(settings.database_url)
+        try:
+            print(migrate.current_revision(engine) or "(empty: run `trimtab db upgrade`)")
+        finally:
+            engine.dispose()
+        return 0
+    if args.command == "token":
+        from trimtab.errors import TrimtabError
+        from trimtab.server import migrate
+        from trimtab.server.engine import make_engine
+        from trimtab.server.store import Store
+        from trimtab.server.tokens import create_token, parse_scopes
+
+        engine = make_engine(settings.database_url)
+        try:
+            migrate.check_schema(engine, settings.database_url)
+            print(create_token(Store(engine), args.name, parse_scopes(args.scopes)))
+        except TrimtabError as exc:
+            print(f"trimtab: {exc.message}", file=sys.stderr)
+            return 2
+        finally:
+            engine.dispose()
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""``Run``: what a training script holds. ``log`` is the hot path; everything else is setup."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from trimtab import internal
+from trimtab.buffer import Buffer, Drops
+from trimtab.options import Options
+from trimtab.sender import Identity, Sender
+from trimtab.session import Session
+from trimtab.spool import Spool, SpoolLocked, orphaned_runs
+from trimtab.version import __version__
+
+logger = logging.getLogger("trimtab")
+
+_live_runs: weakref.WeakSet[Run] = weakref.WeakSet()
+
+
+class Run:
+    """One training run streaming to a trimtab server.
+
+    Create it with :func:`trimtab.init`. ``log`` never blocks and never raises; ``finish``
+    flushes (also called at interpreter exit and by ``with``).
+    """
+
+    def __init__(self, opts: Options) -> None:
+        self.options = opts
+        self.uid = uuid.uuid4().hex
+        self._pid = os.getpid()
+        self._closed = False
+        self._next_step = 0
+        self._id: int | None = None
+        self._id_known = threading.Event()
+        self.drops = Drops()
+        self._buffer = Buffer(opts.max_queue, self.drops)
+        self._warned: set[str] = set()
+        self.identity = Identity(
+            uid=self.uid, project=opts.project, name=opts.name, agent_version=__version__, config=dict(opts.config)
+        )
+        spool = self._open_spool()
+        self._sender = Sender(
+            opts,
+            self.identity,
+            Session(window=opts.window),
+            spool,
+            self.drops,
+            buffer=self._buffer,
+            on_run_id=self._set_id,
+        )
+        self._replays: list[Sender] = []
+        self._sender.start()
+        if opts.replay_orphans and opts.spool_path is not None:
+            threading.Thread(target=self._replay_orphans, name="trimtab-replay", daemon=True).start()
+        _live_runs.add(self)
+        atexit.register(_finish_at_exit, weakref.ref(self))
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def id(self) -> int | None:
+        """The server's id for this run, once the server has said it (None before)."""
+        return self._id
+
+    def wait_for_id(self, timeout: float | None = None) -> int | None:
+        """Block (outside the training loop!) until the server has assigned the run id."""
+        self._id_known.wait(timeout)
+        return self._id
+
+    def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
+        """Queue scalars for ``step`` (the previous step + 1 when omitted). Never blocks or raises.
+
+        Values may be floats, ints, bools, numpy scalars or 0-d torch tensors. A tensor on an
+        accelerator is read by the sender thread, so ``log`` itself never synchronises.
+        """
+        try:
+            if self._closed or os.getpid() != self._pid:
+                return
+            if step is None:
+                step = self._next_step
+            elif type(step) is not int:
+                if not _is_integral(step):
+                    self.drops.add("bad_step", len(data))
+                    self._warn_once("step", f"step must be an int, got {type(step).__name__}; points dropped")
+                    return
+                step = int(step)
+            self._next_step = step + 1
+            record = None
+            for value in data.values():
+                kind = type(value)
+                if kind is not float and kind is not int:
+                    record = self._sanitize(data)
+                    break
+            if not self._buffer.put((step, time.time(), dict(data) if record is None else record)):
+                self.drops.add("queue_full", len(data))
+                self._warn_once("queue", "log queue is full (the sender cannot keep up); points dropped and counted")
+        except Exception as exc:
+            internal.report("Run.log", exc)
+
+    def finish(self, timeout: float | None = None) -> bool:
+        """Flush everything and end the run. True when the server acknowledged every batch.
+
+        Whatever is not acknowledged within ``timeout`` stays in the disk spool, and the next
+        ``trimtab.init`` on this machine replays it.
+        """
+        if self._closed or os.getpid() != self._pid:
+            return False
+        self._closed = True
+        timeout = self.options.finish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        try:
+            ok = self._sender.finish(timeout)
+            for replay in self._replays:
+                replay.finish(max(0.0, deadline - time.monotonic()))
+            return ok
+        except Exception as exc:
+            internal.report("Run.finish", exc)
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters: drops by reason, batches awaiting ack, connection state."""
+        return {
+            "drops": self.drops.snapshot(),
+            "unacked_batches": len(self._sender.session.unacked),
+            "queued_records": len(self._buffer),
+            "connected": self._sender.connected.is_set(),
+        }
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish()
+
+    # ------------------------------------------------------------------ internals
+    def _sanitize(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            converted = _to_number(value)
+            if converted is None:
+                self.drops.add("bad_value")
+                self._warn_once(
+                    f"value-{type(value).__name__}", f"cannot log a {type(value).__name__} ({key!r}); dropped"
+                )
+                continue
+            out[key] = converted
+        return out
+
+    def _set_id(self, run_id: int) -> None:
+        self._id = run_id
+        self._id_known.set()
+
+    def _open_spool(self) -> Spool | None:
+        root = self.options.spool_path
+        if root is None:
+            return None
+        try:
+            spool = Spool(root / self.uid)
+            spool.write_meta(self._meta())
+            return spool
+        except (OSError, SpoolLocked) as exc:
+            logger.warning("trimtab: no disk spool (%s); unacked batches are held in memory only", exc)
+            return None
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "project": self.options.project,
+            "name": self.options.name,
+            "server": self.options.server,
+            "agent_version": __version__,
+            "config": dict(self.options.config),
+        }
+
+    def _replay_orphans(self) -> None:
+        root = self.options.spool_path
+        assert root is not None
+        try:
+            for path in orphaned_runs(root, exclude=self.uid):
+                meta = Spool.read_meta(path)
+                if meta is None or meta.get("server") != self.options.server:
+                    continue
+                self._start_replay(path, meta)
+        except Exception as exc:
+            internal.report("orphan replay", exc)
+
+    def _start_replay(self, path: Path, meta: dict[str, Any]) -> None:
+        try:
+            spool = Spool(path)
+        except (OSError, SpoolLocked):
+            return
+        records = list(spool.recover())
+        if not records:
+            spool.close()
+            return
+        session = Session(next_seq=records[-1][0] + 1, window=self.options.window)
+        for seq, location in records:
+            session.add(seq, None, location)
+        identity = Identity(
+            uid=str(meta["uid"]),
+            project=str(meta.get("project") or "default"),
+            name=meta.get("name"),
+            agent_version=__version__,
+            config=dict(meta.get("config") or {}),
+        )
+        logger.info("trimtab: replaying %d spooled batches of run %s", len(records), identity.uid)
+        replay = Sender(self.options, identity, session, spool, Drops())
+        self._replays.append(replay)
+        replay.start()
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning("trimtab: %s", message)
+
+
+def _to_number(value: Any) -> Any:
+    """A float, or a 0-d accelerator tensor to be read by the sender thread; None if not a number."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if type(value).__module__.startswith("torch"):
+        try:
+            if value.numel() != 1:
+                return None
+            value = value.detach()
+            return float(value) if value.device.type == "cpu" else value
+        except Exception:
+            return None
+    try:
+        return float(value)  # numpy scalars and anything else with __float__
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_integral(step: Any) -> bool:
+    try:
+        return not isinstance(step, bool) and int(step) == step
+    except (TypeError, ValueError):
+        return False
+
+
+def _finish_at_exit(ref: weakref.ref[Run]) -> None:
+    run = ref()
+    if run is not None and not run._closed:
+        run.finish()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker, say) has no sender thread and must not reuse the
+    # parent's seq numbers: its copy of every run goes quiet. ``log`` checks the pid too.
+    for run in list(_live_runs):
+        run._closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

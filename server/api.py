@@ -1,0 +1,174 @@
+"""REST ``/api/v1``: thin handlers that parse, authorise and delegate to the store."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from trimtab.protocol import float_to_json
+from trimtab.server.context import ServerContext
+from trimtab.server.downsample import count_nonfinite, select_indices
+from trimtab.server.tokens import Principal
+
+DEFAULT_MAX_POINTS = 10_000
+MAX_MAX_POINTS = 2_000_000
+
+
+def context(request: Request) -> ServerContext:
+    ctx: ServerContext = request.app.state.trimtab
+    return ctx
+
+
+Ctx = Annotated[ServerContext, Depends(context)]
+
+
+def require(scope: str) -> Any:
+    async def dependency(request: Request, ctx: Ctx) -> Principal:
+        return await run_in_threadpool(ctx.auth.authenticate, request.headers.get("authorization"), scope)
+
+    return Depends(dependency)
+
+
+# ---------------------------------------------------------------- response models (for /docs)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class RunOut(BaseModel):
+    id: int
+    uid: str
+    project: str
+    name: str | None
+    status: str  # running | finished | stale (heartbeats stopped; may resume)
+    created_at: str
+    last_seen_at: str
+    finished_at: str | None
+    host: str
+    agent_version: str
+    world_size: int
+    n_points: int
+    n_histograms: int
+    n_events: int
+    last_step: int | None
+    drops: dict[str, int]
+
+
+class KeyOut(BaseModel):
+    key: str
+    kind: str
+    count: int
+    last_step: int | None
+
+
+class ScalarsOut(BaseModel):
+    run_id: int
+    key: str
+    steps: list[int]
+    wall_times: list[float]
+    values: list[float | str]  # numbers, or "NaN" / "Infinity" / "-Infinity"
+    total_points: int
+    downsampled: bool
+    nonfinite: dict[str, int]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse},
+    403: {"model": ErrorResponse},
+    404: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},
+}
+
+router = APIRouter(prefix="/api/v1", responses=ERRORS)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def _run_out(run: dict[str, Any]) -> RunOut:
+    return RunOut(
+        **{
+            **run,
+            "created_at": _iso(run["created_at"]),
+            "last_seen_at": _iso(run["last_seen_at"]),
+            "finished_at": _iso(run["finished_at"]),
+            "drops": run["drops"] or {},
+        }
+    )
+
+
+@router.get("/runs", response_model=list[RunOut], dependencies=[require("read")])
+async def list_runs(
+    ctx: Ctx,
+    project: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[RunOut]:
+    rows = await run_in_threadpool(ctx.store.list_runs, project, limit, offset)
+    return [_run_out(r) for r in rows]
+
+
+@router.get("/runs/{run_id}", response_model=RunOut, dependencies=[require("read")])
+async def get_run(ctx: Ctx, run_id: int) -> RunOut:
+    return _run_out(await run_in_threadpool(ctx.store.get_run, run_id))
+
+
+@router.get("/runs/{run_id}/keys", response_model=list[KeyOut], dependencies=[require("read")])
+async def list_keys(ctx: Ctx, run_id: int) -> list[KeyOut]:
+    return [KeyOut(**k) for k in await run_in_threadpool(ctx.store.list_keys, run_id)]
+
+
+@router.get("/runs/{run_id}/scalars", response_model=ScalarsOut, dependencies=[require("read")])
+async def get_scalars(
+    ctx: Ctx,
+    run_id: int,
+    key: Annotated[str, Query(min_length=1, max_length=256)],
+    since_step: Annotated[int | None, Query(description="only steps strictly after this one")] = None,
+    end_step: Annotated[int | None, Query(description="only steps up to and including this one")] = None,
+    max_points: Annotated[int, Query(ge=2, le=MAX_MAX_POINTS)] = DEFAULT_MAX_POINTS,
+) -> Response:
+    body = await run_in_threadpool(_scalars_body, ctx, run_id, key, since_step, end_step, max_points)
+    # Built by hand: JSON has no NaN, and validating a million floats through pydantic is slow.
+    return Response(body, media_type="application/json")
+
+
+def _scalars_body(
+    ctx: ServerContext, run_id: int, key: str, since: int | None, end: int | None, max_points: int
+) -> bytes:
+    rows = ctx.store.scalar_rows(run_id, key, since, end)
+    keep = select_indices(rows.steps, rows.values, max_points)
+    downsampled = len(keep) < len(rows.steps)
+    if downsampled:
+        steps = [rows.steps[i] for i in keep]
+        walls = [rows.walls[i] for i in keep]
+        values = [rows.values[i] for i in keep]
+    else:
+        steps, walls, values = rows.steps, rows.walls, rows.values
+    return json.dumps(
+        {
+            "run_id": run_id,
+            "key": key,
+            "steps": steps,
+            "wall_times": walls,
+            "values": [float_to_json(v) for v in values],
+            "total_points": len(rows.steps),
+            "downsampled": downsampled,
+            "nonfinite": count_nonfinite(rows.values),
+        },
+        allow_nan=False,
+        separators=(",", ":"),
+    ).encode()

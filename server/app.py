@@ -1,0 +1,83 @@
+"""``create_app(settings)``: the FastAPI application with its store, writer and routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
+from starlette.concurrency import run_in_threadpool
+
+from trimtab.errors import ErrorCode, TrimtabError
+from trimtab.protocol import WS_PATH
+from trimtab.server import migrate
+from trimtab.server.agent_socket import agent_socket
+from trimtab.server.api import router
+from trimtab.server.auth import Authenticator
+from trimtab.server.context import ServerContext
+from trimtab.server.engine import make_engine
+from trimtab.server.errors import error_response, install_error_handlers
+from trimtab.server.ingest import IngestWriter
+from trimtab.server.settings import Settings
+from trimtab.server.store import Store
+from trimtab.version import __version__
+
+logger = logging.getLogger("trimtab.server")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app. The database must already be at the head migration (see ``serve``)."""
+    engine = make_engine(settings.database_url)
+    store = Store(engine, stale_after_s=settings.stale_after_s)
+    ctx = ServerContext(
+        settings=settings,
+        store=store,
+        writer=IngestWriter(store),
+        auth=Authenticator(store, enabled=settings.auth, cache_s=settings.token_cache_s),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate.check_schema(engine, settings.database_url)
+        ctx.writer.start()
+        try:
+            yield
+        finally:
+            ctx.writer.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="trimtab",
+        version=__version__,
+        description="Training-run health: ingest, query and (soon) steer. Errors are "
+        '`{"error": {"code", "message"}}`; non-finite floats are the strings "NaN", "Infinity", "-Infinity".',
+        lifespan=lifespan,
+    )
+    app.state.trimtab = ctx
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_api_websocket_route(WS_PATH, agent_socket)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """The database answers and its schema is at the revision this server needs."""
+        try:
+            await run_in_threadpool(migrate.check_schema, engine, settings.database_url)
+        except TrimtabError as exc:
+            return error_response(exc.code, exc.message)
+        except Exception as exc:
+            return error_response(ErrorCode.STORE_UNAVAILABLE, f"database unreachable: {type(exc).__name__}")
+        return JSONResponse({"status": "ready", "schema": migrate.head_revision()})
+
+    return app

@@ -1,0 +1,18 @@
+"""What the request handlers share: settings, the store, the ingest writer, the authenticator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trimtab.server.auth import Authenticator
+from trimtab.server.ingest import IngestWriter
+from trimtab.server.settings import Settings
+from trimtab.server.store import Store
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    store: Store
+    writer: IngestWriter
+    auth: Authenticator

@@ -1,0 +1,248 @@
+"""The ingest writer: one thread that turns batches into rows, group-committing many batches
+per transaction, and resolves each batch's future only after its rows are committed.
+
+Dedupe is by (run, rank, seq) against ``ingested_seqs``, written in the same transaction as
+the rows, so a resent batch is acknowledged again but stored once. Scalar rows go in with
+the fastest path each driver has: ``executemany`` on SQLite, binary ``COPY`` on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from itertools import repeat
+from typing import Any
+
+from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from trimtab.errors import ErrorCode, TrimtabError
+from trimtab.protocol import Batch
+from trimtab.server.store import Store
+from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, runs
+
+logger = logging.getLogger("trimtab.server")
+
+# A group commit closes at this many points (bounded latency and memory per transaction).
+GROUP_MAX_POINTS = 250_000
+
+STORED = "stored"
+DUPLICATE = "duplicate"
+
+
+@dataclass
+class Job:
+    run_id: int
+    rank: int
+    batch: Batch
+    future: Future[str] = field(default_factory=Future)
+
+
+class IngestWriter:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._keys: dict[tuple[int, str, str], int] = {}
+        self._thread = threading.Thread(target=self._main, name="trimtab-ingest", daemon=True)
+        self.points_stored = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, run_id: int, rank: int, batch: Batch) -> Future[str]:
+        job = Job(run_id, rank, batch)
+        self._queue.put(job)
+        return job.future
+
+    # ------------------------------------------------------------------ thread
+    def _main(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            group, points = [first], first.batch.n_points
+            while points < GROUP_MAX_POINTS:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                group.append(job)
+                points += job.batch.n_points
+            self._write_group(group)
+
+    def _write_group(self, group: list[Job]) -> None:
+        try:
+            results = self._commit(group)
+        except Exception as exc:
+            self._keys.clear()  # ids inserted by the rolled-back transaction do not exist
+            error = (
+                exc
+                if isinstance(exc, TrimtabError)
+                else TrimtabError(ErrorCode.STORE_UNAVAILABLE, f"could not store the batch: {type(exc).__name__}")
+            )
+            if not isinstance(exc, TrimtabError):
+                logger.exception("ingest transaction failed")
+            for job in group:
+                job.future.set_exception(error)
+            return
+        for job, result in zip(group, results, strict=False):
+            job.future.set_result(result)
+
+    def _commit(self, group: list[Job]) -> list[str]:
+        now = time.time()
+        results: list[str] = []
+        with self.store.transaction() as conn:
+            seen: set[tuple[int, int, int]] = set()
+            fresh: list[Job] = []
+            for job in group:
+                ident = (job.run_id, job.rank, job.batch.seq)
+                if ident in seen or self._already_ingested(conn, *ident):
+                    results.append(DUPLICATE)
+                    continue
+                seen.add(ident)
+                fresh.append(job)
+                results.append(STORED)
+            if fresh:
+                self._insert(conn, fresh, now)
+        self.points_stored += sum(job.batch.n_points for job in group)
+        return results
+
+    @staticmethod
+    def _already_ingested(conn: Connection, run_id: int, rank: int, seq: int) -> bool:
+        return (
+            conn.execute(
+                select(ingested_seqs.c.seq).where(
+                    ingested_seqs.c.run_id == run_id, ingested_seqs.c.rank == rank, ingested_seqs.c.seq == seq
+                )
+            ).first()
+            is not None
+        )
+
+    def _insert(self, conn: Connection, jobs: list[Job], now: float) -> None:
+        scalar_parts: list[Iterable[tuple[int, int, float, float]]] = []
+        hist_rows: list[dict[str, Any]] = []
+        event_rows: list[dict[str, Any]] = []
+        per_run: dict[int, dict[str, Any]] = {}
+        for job in jobs:
+            totals = per_run.setdefault(
+                job.run_id, {"n_points": 0, "n_histograms": 0, "n_events": 0, "last_step": None}
+            )
+            batch = job.batch
+            for series in batch.scalars:
+                if not len(series):
+                    continue
+                key_id = self._key_id(conn, job.run_id, "scalar", series.key)
+                scalar_parts.append(zip(repeat(key_id), series.steps, series.walls, series.values))
+                totals["n_points"] += len(series)
+                totals["last_step"] = _max(totals["last_step"], max(series.steps))
+            for h in batch.histograms:
+                hist_rows.append(
+                    {
+                        "key_id": self._key_id(conn, job.run_id, "histogram", h.key),
+                        "step": h.step,
+                        "wall_time": h.wall,
+                        "edges": h.edges.tobytes(),
+                        "counts": h.counts.tobytes(),
+                        "nan_count": h.nan,
+                        "pinf_count": h.pinf,
+                        "ninf_count": h.ninf,
+                    }
+                )
+                totals["n_histograms"] += 1
+            for e in batch.events:
+                event_rows.append(
+                    {
+                        "run_id": job.run_id,
+                        "rank": job.rank,
+                        "step": e.step,
+                        "wall_time": e.wall,
+                        "kind": e.kind,
+                        "level": e.level[:16],
+                        "data": e.data,
+                    }
+                )
+                totals["n_events"] += 1
+        if scalar_parts:
+            self._insert_scalars(conn, _chain(scalar_parts))
+        if hist_rows:
+            conn.execute(insert(histograms), hist_rows)
+        if event_rows:
+            conn.execute(insert(events), event_rows)
+        conn.execute(
+            insert(ingested_seqs),
+            [{"run_id": j.run_id, "rank": j.rank, "seq": j.batch.seq, "ingested_at": now} for j in jobs],
+        )
+        for run_id, t in per_run.items():
+            values: dict[str, Any] = {
+                "last_seen_at": now,
+                "n_points": runs.c.n_points + t["n_points"],
+                "n_histograms": runs.c.n_histograms + t["n_histograms"],
+                "n_events": runs.c.n_events + t["n_events"],
+            }
+            if t["last_step"] is not None:
+                # portable max(last_step, new): NULL-safe CASE, no dialect greatest()
+
+                values["last_step"] = case(
+                    (runs.c.last_step.is_(None), t["last_step"]),
+                    (runs.c.last_step < t["last_step"], t["last_step"]),
+                    else_=runs.c.last_step,
+                )
+            conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+
+    def _insert_scalars(self, conn: Connection, rows: Iterator[tuple[int, int, float, float]]) -> None:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        if self.store.sqlite:
+            cur = raw.cursor()
+            try:
+                cur.executemany("INSERT INTO scalar_points (key_id, step, wall_time, value) VALUES (?, ?, ?, ?)", rows)
+            finally:
+                cur.close()
+            return
+        with (
+            raw.cursor() as cur,
+            cur.copy("COPY scalar_points (key_id, step, wall_time, value) FROM STDIN (FORMAT BINARY)") as copy,
+        ):
+            copy.set_types(["int4", "int8", "float8", "float8"])
+            for row in rows:
+                copy.write_row(row)
+
+    def _key_id(self, conn: Connection, run_id: int, kind: str, name: str) -> int:
+        cache_key = (run_id, kind, name)
+        key_id = self._keys.get(cache_key)
+        if key_id is not None:
+            return key_id
+        stmt = (sqlite_insert if self.store.sqlite else pg_insert)(metric_keys).values(
+            run_id=run_id, kind=kind, name=name
+        )
+        conn.execute(stmt.on_conflict_do_nothing(index_elements=["run_id", "kind", "name"]))
+        key_id = conn.execute(
+            select(metric_keys.c.id).where(
+                metric_keys.c.run_id == run_id, metric_keys.c.kind == kind, metric_keys.c.name == name
+            )
+        ).scalar_one()
+        self._keys[cache_key] = key_id
+        return key_id
+
+
+def _chain(parts: list[Iterable[tuple[int, int, float, float]]]) -> Iterator[tuple[int, int, float, float]]:
+    for part in parts:
+        yield from part
+
+
+def _max(a: int | None, b: int) -> int:
+    return b if a is None else max(a, b)

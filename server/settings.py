@@ -1,0 +1,60 @@
+"""Server settings: one object, from arguments or ``TRIMTAB_*`` environment variables."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trimtab.protocol import MAX_FRAME_BYTES
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "trimtab"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIMTAB_", extra="ignore")
+
+    db_url: str | None = None  # None: the embedded SQLite file in data_dir
+    data_dir: Path = default_data_dir()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth: bool = True
+    # Upgrade the schema on start (always on for the embedded default database).
+    auto_upgrade: bool = False
+    stale_after_s: float = 60.0
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    # Batches a connection may have waiting for the writer before the server stops reading it.
+    max_inflight_batches: int = 128
+    hello_timeout_s: float = 10.0
+    # How long a verified token is remembered before the database is asked again.
+    token_cache_s: float = 10.0
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'trimtab.db'}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.db_url is None
+
+    def check_bind(self) -> None:
+        """Auth may be off only on a loopback bind: anyone who can reach the port could steer runs."""
+        if not self.auth and not is_loopback(self.host):
+            raise SystemExit(
+                f"refusing to start: --no-auth is allowed only on a loopback address, not {self.host!r}. "
+                "Create a token with `trimtab token create --scopes ingest,read,control` instead."
+            )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

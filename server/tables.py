@@ -1,0 +1,136 @@
+"""The schema, as SQLAlchemy Core tables. Alembic migrations create it; a test checks they agree.
+
+Conventions: times are unix seconds (double precision); ``scalar_points.value`` is NULL
+exactly when the value is NaN, because SQLite turns a bound NaN into NULL (PostgreSQL
+stores NaN natively, and NULL is read back as NaN on both). +Inf and -Inf are stored as
+themselves on both. The two point tables carry no foreign keys: ingest is their only
+writer, and a per-row FK check would halve COPY speed.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", Double, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uid", String(64), nullable=False, unique=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("name", String(256), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("last_seen_at", Double, nullable=False),
+    Column("finished_at", Double, nullable=True),
+    Column("host", String(256), nullable=False, server_default=""),
+    Column("agent_version", String(64), nullable=False, server_default=""),
+    Column("world_size", Integer, nullable=False, server_default="1"),
+    Column("config", JSON, nullable=False),
+    Column("drops", JSON, nullable=False),
+    Column("n_points", BigInteger, nullable=False, server_default="0"),
+    Column("n_histograms", BigInteger, nullable=False, server_default="0"),
+    Column("n_events", BigInteger, nullable=False, server_default="0"),
+    Column("last_step", BigInteger, nullable=True),
+)
+
+metric_keys = Table(
+    "metric_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(256), nullable=False),
+    UniqueConstraint("run_id", "kind", "name"),
+)
+
+scalar_points = Table(
+    "scalar_points",
+    metadata,
+    Column("key_id", Integer, nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("wall_time", Double, nullable=False),
+    Column("value", Double, nullable=True),
+    Index("ix_scalar_points_key_id_step", "key_id", "step"),
+)
+
+histograms = Table(
+    "histograms",
+    metadata,
+    Column("key_id", Integer, nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("wall_time", Double, nullable=False),
+    Column("edges", LargeBinary, nullable=False),  # float64 little-endian, len(counts) + 1
+    Column("counts", LargeBinary, nullable=False),  # int64 little-endian
+    Column("nan_count", BigInteger, nullable=False),
+    Column("pinf_count", BigInteger, nullable=False),
+    Column("ninf_count", BigInteger, nullable=False),
+    Index("ix_histograms_key_id_step", "key_id", "step"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("step", BigInteger, nullable=True),
+    Column("wall_time", Double, nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("level", String(16), nullable=False),
+    Column("data", JSON, nullable=False),
+    Index("ix_events_run_id_step", "run_id", "step"),
+)
+
+ingested_seqs = Table(
+    "ingested_seqs",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("ingested_at", Double, nullable=False),
+    PrimaryKeyConstraint("run_id", "rank", "seq"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("scopes", String(128), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("last_used_at", Double, nullable=True),
+    Column("revoked_at", Double, nullable=True),
+)
