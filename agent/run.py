@@ -104,6 +104,10 @@ class Run:
                 self.drops.add("queue_full", len(data))
                 self._warn_once("queue", "log queue is full (the sender cannot keep up); points dropped and counted")
         except Exception as exc:
+            if not isinstance(data, Mapping):
+                self.drops.add("bad_data")
+                self._warn_once("data", f"log() takes a mapping of key to number, got {type(data).__name__}; ignored")
+                return
             internal.report("Run.log", exc)
 
     def finish(self, timeout: float | None = None) -> bool:

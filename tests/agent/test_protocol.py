@@ -1,0 +1,129 @@
+"""Protocol v1: encoding round trips bit-exactly and every kind of bad frame gets its code."""
+
+from __future__ import annotations
+
+import math
+import struct
+from array import array
+
+import msgpack
+import pytest
+
+from trimtab import protocol
+from trimtab.errors import ERROR_TABLE, ErrorCode
+from trimtab.protocol import Batch, Bye, Heartbeat, Hello, ProtocolError
+
+WEIRD = [0.0, -0.0, 1.0, -2.5, math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308, 1 / 3]
+
+
+def _hello(**overrides: object) -> dict[str, object]:
+    frame = protocol.hello_frame(uid="u1", project="p", name="n", resume_from_seq=1, agent_version="0", host="h", pid=1)
+    frame.update(overrides)
+    return frame
+
+
+def _bits(x: float) -> bytes:
+    return struct.pack("<d", x)
+
+
+def test_batch_round_trips_every_float_bit_pattern() -> None:
+    steps = array("q", range(len(WEIRD)))
+    walls = array("d", [1.7e9 + i for i in range(len(WEIRD))])
+    series = protocol.scalar_series("loss", steps, walls, array("d", WEIRD))
+    frame = protocol.decode_agent_frame(protocol.encode(protocol.batch_frame(7, [series])))
+    assert isinstance(frame, Batch)
+    assert frame.seq == 7 and frame.n_points == len(WEIRD)
+    got = frame.scalars[0]
+    assert got.key == "loss" and list(got.steps) == list(steps) and list(got.walls) == list(walls)
+    assert [_bits(v) for v in got.values] == [_bits(v) for v in WEIRD]
+
+
+def test_scalars_travel_columnar_not_as_one_map_per_point() -> None:
+    series = protocol.scalar_series("k", array("q", [1, 2, 3]), array("d", [0.0] * 3), array("d", [1.0] * 3))
+    raw = msgpack.unpackb(protocol.encode(protocol.batch_frame(1, [series])))
+    entry = raw["scalars"][0]
+    assert set(entry) == {"k", "steps", "walls", "values"}
+    assert all(isinstance(entry[c], bytes) and len(entry[c]) == 24 for c in ("steps", "walls", "values"))
+
+
+def test_hello_round_trip() -> None:
+    frame = protocol.decode_agent_frame(protocol.encode(_hello(rank=2, world_size=4, config={"lr": 0.1})))
+    assert isinstance(frame, Hello)
+    assert (frame.run.uid, frame.run.project, frame.rank, frame.world_size, frame.config) == ("u1", "p", 2, 4, {"lr": 0.1})
+
+
+def test_heartbeat_and_bye_carry_drop_counts() -> None:
+    hb = protocol.decode_agent_frame(protocol.encode(protocol.heartbeat_frame({"queue_full": 3})))
+    bye = protocol.decode_agent_frame(protocol.encode(protocol.bye_frame({})))
+    assert isinstance(hb, Heartbeat) and hb.drops == {"queue_full": 3}
+    assert isinstance(bye, Bye) and bye.drops == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\xc1\xc1\xc1", ErrorCode.BAD_FRAME),  # 0xc1 is never valid msgpack
+        (msgpack.packb([1, 2, 3]), ErrorCode.BAD_FRAME),
+        (msgpack.packb({"no": "tag"}), ErrorCode.BAD_FRAME),
+        (msgpack.packb({"t": "launch_missiles"}), ErrorCode.UNKNOWN_FRAME),
+        (protocol.encode(_hello(v=2)), ErrorCode.UNSUPPORTED_VERSION),
+        (protocol.encode(_hello(v="1")), ErrorCode.BAD_FRAME),
+        (protocol.encode(_hello(run={"uid": 5, "project": "p"})), ErrorCode.BAD_FRAME),
+        (protocol.encode(_hello(run={"uid": "", "project": "p"})), ErrorCode.BAD_FRAME),
+        (protocol.encode({"t": "batch", "seq": "one"}), ErrorCode.BAD_FRAME),
+        (protocol.encode({"t": "batch", "seq": 0}), ErrorCode.BAD_FRAME),
+        (protocol.encode({"t": "heartbeat", "drops": {"x": "many"}}), ErrorCode.BAD_FRAME),
+    ],
+)
+def test_bad_frames_get_a_code(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(data)
+    assert info.value.code == code
+    assert info.value.message
+
+
+def test_future_version_message_says_what_to_upgrade() -> None:
+    with pytest.raises(ProtocolError, match="upgrade the server"):
+        protocol.decode_agent_frame(protocol.encode(_hello(v=99)))
+
+
+@pytest.mark.parametrize(
+    "series",
+    [
+        {"k": "x", "steps": b"\0" * 8, "walls": b"\0" * 8, "values": b"\0" * 16},  # ragged columns
+        {"k": "x", "steps": b"\0" * 7, "walls": b"\0" * 7, "values": b"\0" * 7},  # not 8-byte items
+        {"k": "x", "steps": [1], "walls": [1.0], "values": [1.0]},  # arrays instead of packed bytes
+        {"k": "", "steps": b"", "walls": b"", "values": b""},
+        {"k": "x" * 300, "steps": b"", "walls": b"", "values": b""},
+        "not a map",
+    ],
+)
+def test_invalid_batch_names_its_seq(series: object) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(protocol.encode({"t": "batch", "seq": 12, "scalars": [series]}))
+    assert info.value.code == ErrorCode.INVALID_BATCH
+    assert info.value.seq == 12
+
+
+def test_frame_over_the_limit_is_refused_before_decoding() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(b"\x80" * 101, max_bytes=100)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+@pytest.mark.parametrize("value", WEIRD)
+def test_json_float_encoding_round_trips(value: float) -> None:
+    back = protocol.float_from_json(protocol.float_to_json(value))
+    assert _bits(back) == _bits(value) or (math.isnan(back) and math.isnan(value))
+
+
+def test_json_float_rejects_unknown_strings() -> None:
+    with pytest.raises(ValueError, match="not a trimtab JSON float"):
+        protocol.float_from_json("nan")
+
+
+def test_every_error_code_has_an_http_status_and_close_code() -> None:
+    for code in ErrorCode:
+        status, close = ERROR_TABLE[code]
+        assert 400 <= status < 600
+        assert close in (1003, 1007, 1009, 1011, 1013) or 4000 <= close < 5000

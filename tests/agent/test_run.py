@@ -1,0 +1,100 @@
+"""Run.log on the training thread: never blocks, never raises, counts what it drops.
+
+These tests point the agent at a port where nothing listens: the agent must not care.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import trimtab
+from tests.helpers import free_port
+
+
+@pytest.fixture
+def offline_run(tmp_path: Path) -> trimtab.Run:
+    run = trimtab.init(server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"),
+                       replay_orphans=False)
+    yield run
+    run.finish(timeout=0.5)
+
+
+def test_init_with_no_server_returns_at_once_and_spools(offline_run: trimtab.Run, tmp_path: Path) -> None:
+    for step in range(100):
+        offline_run.log({"loss": 1.0 / (step + 1)}, step=step)
+    assert offline_run.id is None
+    assert offline_run.finish(timeout=0.5) is False  # nothing could be acked...
+    assert any((tmp_path / "spool").glob("*/seg-*.log"))  # ...so it is all on disk for replay
+
+
+def test_bad_input_never_raises_and_is_counted(offline_run: trimtab.Run) -> None:
+    torch = pytest.importorskip("torch")
+    offline_run.log({"ok": 1.0, "text": "not a number", "none": None, "vec": torch.ones(3)}, step=1)
+    offline_run.log({"loss": 1.0}, step="seven")  # type: ignore[arg-type]
+    offline_run.log({"x" * 1000: 1.0}, step=2)
+    offline_run.log({5: 1.0}, step=3)  # type: ignore[dict-item]
+    offline_run.log(None)  # type: ignore[arg-type]
+    offline_run.finish(timeout=0.2)  # the sender validates keys off the training thread
+    drops = offline_run.drops.snapshot()
+    assert drops == {"bad_value": 3, "bad_step": 1, "bad_key": 2, "bad_data": 1}
+
+
+def test_accepts_ints_bools_numpy_like_and_tensors(offline_run: trimtab.Run) -> None:
+    torch = pytest.importorskip("torch")
+    offline_run.log({"i": 3, "b": True, "t": torch.tensor(2.5), "t1": torch.tensor([1.5]), "nan": math.nan}, step=0)
+    assert offline_run.drops.total() == 0
+
+
+def test_steps_count_up_when_omitted(offline_run: trimtab.Run) -> None:
+    offline_run.log({"a": 1.0}, step=10)
+    offline_run.log({"a": 2.0})
+    assert offline_run._next_step == 12
+
+
+def test_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
+    run = trimtab.init(server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), max_queue=10,
+                       flush_interval=3600, replay_orphans=False)
+    try:
+        for step in range(50):
+            run.log({"a": 1.0, "b": 2.0}, step=step)
+        assert run.drops.snapshot()["queue_full"] == 2 * 40
+    finally:
+        run.finish(timeout=0.2)
+
+
+def test_finished_run_ignores_log(offline_run: trimtab.Run) -> None:
+    offline_run.finish(timeout=0.2)
+    offline_run.log({"late": 1.0})
+    assert offline_run.stats()["queued_records"] == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX-only")
+def test_forked_child_goes_quiet(offline_run: trimtab.Run) -> None:
+    pid = os.fork()
+    if pid == 0:  # child: log must not raise and must not queue anything
+        try:
+            offline_run.log({"child": 1.0}, step=0)
+            os._exit(0 if len(offline_run._buffer) == 0 and offline_run.finish() is False else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_importing_trimtab_pulls_in_no_server_dependencies() -> None:
+    code = (
+        "import sys, trimtab\n"
+        "run = trimtab.init(server='http://127.0.0.1:9', spool_dir='off', replay_orphans=False)\n"
+        "run.log({'a': 1.0}); run.finish(timeout=0.1)\n"
+        "heavy = sorted(m for m in ('fastapi', 'sqlalchemy', 'dash', 'pydantic', 'starlette', 'uvicorn', 'torch')"
+        " if m in sys.modules)\n"
+        "print(heavy); sys.exit(1 if heavy else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
