@@ -9,6 +9,7 @@ thread; every exception is caught, logged and counted (``trimtab.internal``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import random
@@ -31,6 +32,8 @@ from trimtab.spool import Spool
 logger = logging.getLogger("trimtab")
 
 POLL_SECONDS = 0.02
+# websockets >= 17 warns unless a directly returned connection is asked for explicitly.
+_CONNECT_KWARGS: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 BACKOFF_INITIAL = 0.25
 # Errors a reconnect cannot fix: keep spooling, retry slowly, say so once.
 _FATAL_CODES = {"unauthorized", "forbidden", "unsupported_version", "run_conflict"}
@@ -209,6 +212,7 @@ class Sender:
                 open_timeout=self.opts.connect_timeout,
                 close_timeout=2.0,
                 max_size=protocol.MAX_FRAME_BYTES,
+                **_CONNECT_KWARGS,
             )
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             detail = (

@@ -45,7 +45,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,10 +446,8 @@ def run_agents(
         for proc in procs:
             for stream in (proc.stdin, proc.stdout):
                 if stream is not None:
-                    try:
+                    with suppress(OSError):
                         stream.close()
-                    except OSError:
-                        pass
             stop_process(proc, grace=5)
 
 
@@ -651,7 +649,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     p.add_argument("--agents", type=int, default=4, help="agent processes (default 4)")
-    p.add_argument("--points", type=int, default=250_000, help="points per agent (default 250000)")
+    p.add_argument("--points", type=int, default=2_000_000, help="points per agent (default 2000000)")
     p.add_argument("--keys", type=int, default=8, help="keys per agent; points are spread over them (default 8)")
     p.add_argument("--raw-rows", type=int, default=0, help="rows for the raw measurement (default agents*points)")
     p.add_argument(
@@ -677,7 +675,6 @@ def main(argv: list[str]) -> int:
         return agent_worker(argv[1:])
     args = parse_args(argv)
     try:
-        import trimtab  # noqa: F401
         import trimtab.server.tables  # noqa: F401
     except ImportError as exc:
         print(f"cannot import trimtab with its server extra ({exc}); run with the venv's python", file=sys.stderr)

@@ -49,7 +49,13 @@ def test_scalars_travel_columnar_not_as_one_map_per_point() -> None:
 def test_hello_round_trip() -> None:
     frame = protocol.decode_agent_frame(protocol.encode(_hello(rank=2, world_size=4, config={"lr": 0.1})))
     assert isinstance(frame, Hello)
-    assert (frame.run.uid, frame.run.project, frame.rank, frame.world_size, frame.config) == ("u1", "p", 2, 4, {"lr": 0.1})
+    assert (frame.run.uid, frame.run.project, frame.rank, frame.world_size, frame.config) == (
+        "u1",
+        "p",
+        2,
+        4,
+        {"lr": 0.1},
+    )
 
 
 def test_heartbeat_and_bye_carry_drop_counts() -> None:

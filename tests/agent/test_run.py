@@ -19,8 +19,9 @@ from tests.helpers import free_port
 
 @pytest.fixture
 def offline_run(tmp_path: Path) -> trimtab.Run:
-    run = trimtab.init(server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"),
-                       replay_orphans=False)
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"), replay_orphans=False
+    )
     yield run
     run.finish(timeout=0.5)
 
@@ -58,8 +59,13 @@ def test_steps_count_up_when_omitted(offline_run: trimtab.Run) -> None:
 
 
 def test_full_queue_drops_and_counts_instead_of_blocking(tmp_path: Path) -> None:
-    run = trimtab.init(server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), max_queue=10,
-                       flush_interval=3600, replay_orphans=False)
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}",
+        spool_dir=str(tmp_path),
+        max_queue=10,
+        flush_interval=3600,
+        replay_orphans=False,
+    )
     try:
         for step in range(50):
             run.log({"a": 1.0, "b": 2.0}, step=step)

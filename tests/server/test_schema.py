@@ -38,7 +38,12 @@ def test_upgrade_is_idempotent(migrated_db: str) -> None:
 def test_server_refuses_a_database_without_the_schema_and_says_what_to_run(db_url: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "trimtab.cli", "server", "--port", str(free_port()), "--db", db_url, "--no-auth"],
-        capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert "trimtab db upgrade --db" in result.stderr
@@ -47,8 +52,15 @@ def test_server_refuses_a_database_without_the_schema_and_says_what_to_run(db_ur
 
 def test_db_upgrade_command_then_current(db_url: str) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "trimtab.cli", *args], capture_output=True, text=True,
-                              env=subprocess_env(), cwd=ROOT, timeout=60, check=True)
+        return subprocess.run(
+            [sys.executable, "-m", "trimtab.cli", *args],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            cwd=ROOT,
+            timeout=60,
+            check=True,
+        )
 
     assert "empty" in cli("db", "current", "--db", db_url).stdout
     cli("db", "upgrade", "--db", db_url)
