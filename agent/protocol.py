@@ -384,7 +384,7 @@ def _event(obj: Any) -> Event:
 
 
 def _key(obj: dict[str, Any]) -> str:
-    key = _req(obj, "k", str)
+    key: str = _req(obj, "k", str)
     if not key or len(key) > MAX_KEY_LENGTH:
         raise ProtocolError(ErrorCode.INVALID_BATCH, f"key must be 1-{MAX_KEY_LENGTH} characters, got {len(key)}")
     return key

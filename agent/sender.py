@@ -305,13 +305,13 @@ class Sender:
             if pending is not None:
                 self._spool_acked(seq, pending)
         elif kind == protocol.ERROR:
-            code, message, seq = frame.get("code"), frame.get("message"), frame.get("seq")
-            if isinstance(seq, int):
-                pending = self.session.on_reject(seq)
+            code, message, rejected = frame.get("code"), frame.get("message"), frame.get("seq")
+            if isinstance(rejected, int):
+                pending = self.session.on_reject(rejected)
                 if pending is not None:
-                    self._spool_acked(seq, pending)
+                    self._spool_acked(rejected, pending)
                     self.drops.add("rejected_batches")
-                logger.error("trimtab: server rejected batch %s: %s (%s)", seq, message, code)
+                logger.error("trimtab: server rejected batch %s: %s (%s)", rejected, message, code)
             else:
                 logger.warning("trimtab: server error %s: %s", code, message)
         elif kind == protocol.CMD:

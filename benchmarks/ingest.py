@@ -670,10 +670,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--agent-worker"]:
         return agent_worker(argv[1:])
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up like Ctrl-C
     try:
         import trimtab.server.tables  # noqa: F401
     except ImportError as exc:

@@ -9,6 +9,7 @@ stops reading, and TCP pushes back on the agent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -121,7 +122,7 @@ class AgentConnection:
         await self._inflight.acquire()
         future = asyncio.wrap_future(self.ctx.writer.submit(self.run_id, self.rank, batch))
         self._pending.add(future)
-        future.add_done_callback(lambda f, seq=batch.seq: self._stored(seq, f))
+        future.add_done_callback(functools.partial(self._stored, batch.seq))
 
     def _stored(self, seq: int, future: asyncio.Future[str]) -> None:
         self._pending.discard(future)

@@ -204,8 +204,8 @@ class IngestWriter:
             conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
 
     def _insert_scalars(self, conn: Connection, rows: Iterator[tuple[int, int, float, float]]) -> None:
-        raw = conn.connection.dbapi_connection
-        assert raw is not None
+        # The driver's own bulk paths, inside SQLAlchemy's transaction on the same connection.
+        raw: Any = conn.connection.dbapi_connection
         if self.store.sqlite:
             cur = raw.cursor()
             try:
@@ -235,8 +235,8 @@ class IngestWriter:
                 metric_keys.c.run_id == run_id, metric_keys.c.kind == kind, metric_keys.c.name == name
             )
         ).scalar_one()
-        self._keys[cache_key] = key_id
-        return key_id
+        self._keys[cache_key] = int(key_id)
+        return int(key_id)
 
 
 def _chain(parts: list[Iterable[tuple[int, int, float, float]]]) -> Iterator[tuple[int, int, float, float]]:

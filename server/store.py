@@ -69,7 +69,8 @@ class Store:
                 raise
             logger.error("database error: %s", exc)
             raise TrimtabError(
-                ErrorCode.STORE_UNAVAILABLE, f"the database is unavailable: {type(exc.orig or exc).__name__}"
+                ErrorCode.STORE_UNAVAILABLE,
+                f"the database is unavailable: {type(getattr(exc, 'orig', None) or exc).__name__}",
             ) from exc
 
     def ping(self) -> None:

@@ -144,7 +144,8 @@ def api_status(url: str, token: str | None = None) -> tuple[int, Any]:
 def run_by_name(server: ServerProcess, name: str) -> dict[str, Any]:
     runs = [r for r in server.get("/api/v1/runs") if r["name"] == name]
     assert len(runs) == 1, f"expected one run named {name!r}, got {runs}"
-    return runs[0]
+    run: dict[str, Any] = runs[0]
+    return run
 
 
 def assert_exact_series(server: ServerProcess, run_id: int, key: str, steps: range) -> None:
@@ -170,3 +171,13 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def recv_frame(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """One server frame from a websockets sync connection, decoded."""
+    import msgpack
+
+    data = ws.recv(timeout=timeout)
+    assert isinstance(data, bytes), f"expected a binary frame, got {data!r}"
+    frame: dict[str, Any] = msgpack.unpackb(data)
+    return frame

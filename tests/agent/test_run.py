@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.helpers import free_port
 
 
 @pytest.fixture
-def offline_run(tmp_path: Path) -> trimtab.Run:
+def offline_run(tmp_path: Path) -> Iterator[trimtab.Run]:
     run = trimtab.init(
         server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"), replay_orphans=False
     )

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
 from sqlalchemy import select
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import trimtab
-from tests.helpers import ROOT, ServerProcess, api_status, free_port, subprocess_env
+from tests.helpers import ROOT, ServerProcess, api_status, free_port, recv_frame, subprocess_env
 from trimtab import protocol
 from trimtab.server.engine import make_engine
 from trimtab.server.tables import api_tokens
@@ -50,11 +50,10 @@ def _socket_error(server: ServerProcess, token: str | None) -> tuple[str, int | 
         hello = protocol.hello_frame(
             uid="u", project="p", name=None, resume_from_seq=1, agent_version="", host="", pid=1
         )
-        try:  # the server checks the token before reading anything, and may have closed already
+        # the server checks the token before reading anything, and may have closed already
+        with contextlib.suppress(ConnectionClosed):
             ws.send(protocol.encode(hello))
-        except ConnectionClosed:
-            pass
-        frame = msgpack.unpackb(ws.recv(timeout=10))
+        frame = recv_frame(ws)
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
     return frame["code"], closed.value.rcvd.code if closed.value.rcvd else None

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 import trimtab
-from tests.helpers import ServerProcess, api_status, assert_exact_series, value_for
+from tests.helpers import ServerProcess, api_status, assert_exact_series, recv_frame, value_for
 from trimtab import protocol
 
 
@@ -33,7 +33,7 @@ def _hello(uid: str = "bad-actor", **overrides: Any) -> bytes:
 
 def _error_and_close(ws: ClientConnection) -> tuple[dict[str, Any], int | None]:
     """The error frame the server sends, and the close code that follows it."""
-    frame = msgpack.unpackb(ws.recv(timeout=10))
+    frame = recv_frame(ws)
     try:
         ws.recv(timeout=10)
         raise AssertionError("the server kept the connection open")
@@ -96,7 +96,7 @@ def test_bad_frames_get_error_frame_and_close_code(
     with _ws(server) as ws:
         if hello_first:
             ws.send(_hello())
-            assert msgpack.unpackb(ws.recv(timeout=10))["t"] == "welcome"
+            assert recv_frame(ws)["t"] == "welcome"
         ws.send(frame)
         error, closed_with = _error_and_close(ws)
     assert error["t"] == "error" and error["code"] == code and error["message"]
@@ -108,20 +108,20 @@ def test_bad_frames_get_error_frame_and_close_code(
 def test_missing_hello_times_out_with_a_code(server: ServerProcess) -> None:
     server_settings_timeout = 10.0  # Settings.hello_timeout_s default
     with _ws(server) as ws:
-        frame = msgpack.unpackb(ws.recv(timeout=server_settings_timeout + 10))
+        frame = recv_frame(ws, server_settings_timeout + 10)
     assert frame["code"] == "hello_expected"
 
 
 def test_invalid_batch_is_rejected_alone_and_the_connection_goes_on(server: ServerProcess) -> None:
     with _ws(server) as ws:
         ws.send(_hello(uid="half-bad"))
-        welcome = msgpack.unpackb(ws.recv(timeout=10))
+        welcome = recv_frame(ws)
         ws.send(protocol.encode({"t": "batch", "seq": 1, "scalars": [{"k": "x", "steps": b"\0" * 3}]}))
-        error = msgpack.unpackb(ws.recv(timeout=10))
+        error = recv_frame(ws)
         assert (error["t"], error["code"], error["seq"]) == ("error", "invalid_batch", 1)
         good = protocol.scalar_series("x", array("q", [5]), array("d", [1.0]), array("d", [2.0]))
         ws.send(protocol.encode(protocol.batch_frame(2, [good])))
-        assert msgpack.unpackb(ws.recv(timeout=10)) == {"t": "ack", "seq": 2}
+        assert recv_frame(ws) == {"t": "ack", "seq": 2}
     run = server.get(f"/api/v1/runs/{welcome['run_id']}")
     assert run["n_points"] == 1
 
