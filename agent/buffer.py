@@ -74,7 +74,12 @@ class Buffer:
                 except Exception:  # a deferred tensor that will not convert, or a stray type
                     self._drops.add("bad_value")
                     continue
-                col[0].append(step)
+                try:
+                    col[0].append(step)
+                except OverflowError:  # outside int64
+                    col[2].pop()
+                    self._drops.add("bad_step")
+                    continue
                 col[1].append(wall)
                 n += 1
             if n >= max_points:

@@ -4,6 +4,7 @@ variables, which win over the defaults below."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -93,6 +94,19 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
             continue
         values[name] = _parse(name, raw, f)
     return Options(**values)
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """``value`` made storable as JSON: containers kept, non-finite floats and unknown types as strings."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth < 16 and isinstance(value, (list, tuple)):
+        return [jsonable(v, depth + 1) for v in value]
+    if depth < 16 and isinstance(value, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    return str(value)
 
 
 def _parse(name: str, raw: str, f: dataclasses.Field[Any]) -> Any:

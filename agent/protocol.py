@@ -26,6 +26,8 @@ from trimtab.errors import ErrorCode, TrimtabError
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024
 MAX_KEY_LENGTH = 256
+MAX_NAME_LENGTH = 256
+MAX_PROJECT_LENGTH = 128
 WS_PATH = "/ws/v1/agent"
 
 # Agent -> server
@@ -295,9 +297,11 @@ def _hello(obj: dict[str, Any]) -> Hello:
     project = _req(run, "project", str)
     if not uid or len(uid) > 64:
         raise ProtocolError(ErrorCode.BAD_FRAME, "run.uid must be 1-64 characters")
-    if not project or len(project) > 128:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "run.project must be 1-128 characters")
+    if not project or len(project) > MAX_PROJECT_LENGTH:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"run.project must be 1-{MAX_PROJECT_LENGTH} characters")
     name = _opt(run, "name", str)
+    if name is not None and len(name) > MAX_NAME_LENGTH:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"run.name must be at most {MAX_NAME_LENGTH} characters")
     rank = _opt_int(obj, "rank") or 0
     world_size = _opt_int(obj, "world_size") or 1
     return Hello(
@@ -308,7 +312,7 @@ def _hello(obj: dict[str, Any]) -> Hello:
         pid=_opt_int(obj, "pid") or 0,
         rank=rank,
         world_size=world_size,
-        config=_opt(obj, "config", dict) or {},
+        config=_json_map(obj, "config"),
         replay=bool(obj.get("replay", False)),
     )
 
@@ -349,9 +353,10 @@ def _histogram(obj: Any) -> Histogram:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_BATCH, "each histograms entry must be a map")
     key = _key(obj)
-    edges = unpack_array("d", _req(obj, "edges", bytes)) if isinstance(obj.get("edges"), bytes) else None
-    counts = unpack_array("q", _req(obj, "counts", bytes)) if isinstance(obj.get("counts"), bytes) else None
-    if edges is None or counts is None or len(edges) != len(counts) + 1:
+    raw_edges, raw_counts = obj.get("edges"), obj.get("counts")
+    ok = isinstance(raw_edges, bytes) and isinstance(raw_counts, bytes)
+    ok = ok and len(raw_edges) % 8 == 0 and len(raw_counts) % 8 == 0 and len(raw_edges) == len(raw_counts) + 8
+    if not ok:
         raise ProtocolError(
             ErrorCode.INVALID_BATCH,
             f"histogram {key!r}: 'edges' and 'counts' must be packed arrays, len(edges) = len(counts) + 1",
@@ -360,8 +365,8 @@ def _histogram(obj: Any) -> Histogram:
         key=key,
         step=_req_int(obj, "step"),
         wall=_req_float(obj, "wall"),
-        edges=edges,
-        counts=counts,
+        edges=unpack_array("d", raw_edges),
+        counts=unpack_array("q", raw_counts),
         nan=_opt_int(obj, "nan") or 0,
         pinf=_opt_int(obj, "pinf") or 0,
         ninf=_opt_int(obj, "ninf") or 0,
@@ -379,8 +384,38 @@ def _event(obj: Any) -> Event:
         step=_opt_int(obj, "step"),
         wall=_req_float(obj, "wall"),
         level=_opt(obj, "level", str) or "info",
-        data=_opt(obj, "data", dict) or {},
+        data=_json_map(obj, "data"),
     )
+
+
+def _json_map(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    """A map that a JSON column on every backend accepts: string keys, finite numbers, no bytes."""
+    value = _opt(obj, name, dict) or {}
+    problem = json_problem(value)
+    if problem:
+        raise ProtocolError(ErrorCode.INVALID_BATCH if name == "data" else ErrorCode.BAD_FRAME, f"'{name}': {problem}")
+    return value
+
+
+def json_problem(value: Any, depth: int = 0) -> str | None:
+    """Why ``value`` cannot be stored as JSON, or None when it can."""
+    if depth > 32:
+        return "nested too deeply"
+    if value is None or isinstance(value, (bool, int, str)):
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            return "integer out of the 64-bit range"
+        if isinstance(value, str) and "\x00" in value:
+            return "strings may not contain NUL"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "non-finite floats cannot be stored as JSON"
+    if isinstance(value, (list, tuple)):
+        return next((p for p in (json_problem(v, depth + 1) for v in value) if p), None)
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return "map keys must be strings"
+        return json_problem(list(value.keys()), depth + 1) or json_problem(list(value.values()), depth + 1)
+    return f"values of type {type(value).__name__} cannot be stored as JSON"
 
 
 def _key(obj: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import threading
@@ -16,7 +17,8 @@ from typing import Any
 
 from trimtab import internal
 from trimtab.buffer import Buffer, Drops
-from trimtab.options import Options
+from trimtab.options import Options, jsonable
+from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH
 from trimtab.sender import Identity, Sender
 from trimtab.session import Session
 from trimtab.spool import Spool, SpoolLocked, orphaned_runs
@@ -46,7 +48,13 @@ class Run:
         self._buffer = Buffer(opts.max_queue, self.drops)
         self._warned: set[str] = set()
         self.identity = Identity(
-            uid=self.uid, project=opts.project, name=opts.name, agent_version=__version__, config=dict(opts.config)
+            uid=self.uid,
+            project=self._checked_text("project", opts.project or "default", MAX_PROJECT_LENGTH),
+            name=None if opts.name is None else self._checked_text("name", opts.name, MAX_NAME_LENGTH),
+            agent_version=__version__,
+            config=jsonable(dict(opts.config)),
+            rank=opts.rank,
+            world_size=opts.world_size,
         )
         spool = self._open_spool()
         self._sender = Sender(
@@ -178,14 +186,13 @@ class Run:
             return None
 
     def _meta(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "project": self.options.project,
-            "name": self.options.name,
-            "server": self.options.server,
-            "agent_version": __version__,
-            "config": dict(self.options.config),
-        }
+        return {**dataclasses.asdict(self.identity), "server": self.options.server}
+
+    def _checked_text(self, what: str, text: str, limit: int) -> str:
+        if len(text) <= limit:
+            return text
+        logger.warning("trimtab: the run %s is longer than %d characters; truncated", what, limit)
+        return text[:limit]
 
     def _replay_orphans(self) -> None:
         root = self.options.spool_path
@@ -211,13 +218,8 @@ class Run:
         session = Session(next_seq=records[-1][0] + 1, window=self.options.window)
         for seq, location in records:
             session.add(seq, None, location)
-        identity = Identity(
-            uid=str(meta["uid"]),
-            project=str(meta.get("project") or "default"),
-            name=meta.get("name"),
-            agent_version=__version__,
-            config=dict(meta.get("config") or {}),
-        )
+        fields = {f.name for f in dataclasses.fields(Identity)}
+        identity = Identity(**{k: v for k, v in meta.items() if k in fields})
         logger.info("trimtab: replaying %d spooled batches of run %s", len(records), identity.uid)
         replay = Sender(self.options, identity, session, spool, Drops())
         self._replays.append(replay)

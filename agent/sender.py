@@ -46,6 +46,8 @@ class Identity:
     name: str | None
     agent_version: str
     config: dict[str, Any]
+    rank: int = 0
+    world_size: int = 1
 
 
 class RemoteError(Exception):
@@ -166,16 +168,25 @@ class Sender:
         if self.buffer is None:
             return
         for series in self.buffer.drain(self.opts.max_batch_points):
-            seq = self.session.assign()
-            data = protocol.encode(protocol.batch_frame(seq, series))
-            location = None
-            if self.spool is not None:
-                try:
-                    location = self.spool.append(seq, data)
-                except OSError as exc:
-                    self._warn_once("spool", f"cannot write the spool ({exc}); holding batches in memory only")
-            self.session.add(seq, data, location)
+            self._add_batches(series)
         self._bound_memory()
+
+    def _add_batches(self, series: list[dict[str, Any]]) -> None:
+        """Give ``series`` a seq and hold it; split it first if its frame would exceed the limit."""
+        seq = self.session.next_seq
+        data = protocol.encode(protocol.batch_frame(seq, series))
+        if len(data) > protocol.MAX_FRAME_BYTES:
+            for half in _split(series):
+                self._add_batches(half)
+            return
+        self.session.assign()
+        location = None
+        if self.spool is not None:
+            try:
+                location = self.spool.append(seq, data)
+            except OSError as exc:
+                self._warn_once("spool", f"cannot write the spool ({exc}); holding batches in memory only")
+        self.session.add(seq, data, location)
 
     def _bound_memory(self) -> None:
         budget = self.opts.max_memory_bytes
@@ -229,8 +240,8 @@ class Sender:
                 agent_version=self.identity.agent_version,
                 host=socket.gethostname(),
                 pid=_pid(),
-                rank=self.opts.rank,
-                world_size=self.opts.world_size,
+                rank=self.identity.rank,
+                world_size=self.identity.world_size,
                 config=self.identity.config,
                 replay=self.buffer is None,
             )
@@ -347,6 +358,19 @@ class Sender:
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning("trimtab: %s", message)
+
+
+def _split(series: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Two halves of a batch's series: by key, or by points when there is a single key."""
+    if len(series) > 1:
+        mid = len(series) // 2
+        return [series[:mid], series[mid:]]
+    (one,) = series
+    cut = len(one["steps"]) // 16 * 8  # half the points, on an 8-byte boundary
+    columns = ("steps", "walls", "values")
+    first = dict(one, **{c: one[c][:cut] for c in columns})
+    second = dict(one, **{c: one[c][cut:] for c in columns})
+    return [[first], [second]]
 
 
 def _pid() -> int:

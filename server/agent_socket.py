@@ -131,6 +131,9 @@ class AgentConnection:
         if exc is None:
             self._out.put_nowait(protocol.ack_frame(seq))
             return
+        if isinstance(exc, ProtocolError) and exc.seq is not None:
+            self._out.put_nowait(protocol.error_frame(exc.code, exc.message, seq=exc.seq))
+            return
         error = exc if isinstance(exc, TrimtabError) else TrimtabError(ErrorCode.INTERNAL, "could not store the batch")
         logger.warning("agent %s (run %s): batch %d not stored: %s", self.peer, self.run_id, seq, error.message)
         self._fail(error)  # the agent reconnects later and resends everything unacked

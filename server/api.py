@@ -64,6 +64,7 @@ class RunOut(BaseModel):
     n_events: int
     last_step: int | None
     drops: dict[str, int]
+    config: dict[str, Any]
 
 
 class KeyOut(BaseModel):

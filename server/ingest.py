@@ -19,11 +19,9 @@ from itertools import repeat
 from typing import Any
 
 from sqlalchemy import Connection, case, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import Batch
+from trimtab.protocol import Batch, ProtocolError, pack_f64, pack_i64
 from trimtab.server.store import Store
 from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, runs
 
@@ -50,7 +48,6 @@ class IngestWriter:
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._keys: dict[tuple[int, str, str], int] = {}
         self._thread = threading.Thread(target=self._main, name="trimtab-ingest", daemon=True)
-        self.points_stored = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -87,19 +84,24 @@ class IngestWriter:
     def _write_group(self, group: list[Job]) -> None:
         try:
             results = self._commit(group)
-        except Exception as exc:
+        except TrimtabError as exc:  # the database is unreachable: every agent resends later
             self._keys.clear()  # ids inserted by the rolled-back transaction do not exist
-            error = (
-                exc
-                if isinstance(exc, TrimtabError)
-                else TrimtabError(ErrorCode.STORE_UNAVAILABLE, f"could not store the batch: {type(exc).__name__}")
-            )
-            if not isinstance(exc, TrimtabError):
-                logger.exception("ingest transaction failed")
             for job in group:
-                job.future.set_exception(error)
+                job.future.set_exception(exc)
             return
-        for job, result in zip(group, results, strict=False):
+        except Exception as exc:
+            self._keys.clear()
+            if len(group) > 1:
+                # One batch the database refuses must not fail its neighbours: isolate it.
+                for job in group:
+                    self._write_group([job])
+                return
+            job = group[0]
+            logger.exception("run %s: batch %d cannot be stored; rejecting it", job.run_id, job.batch.seq)
+            message = f"the server cannot store batch {job.batch.seq} ({type(exc).__name__}); it is dropped"
+            job.future.set_exception(ProtocolError(ErrorCode.INVALID_BATCH, message, seq=job.batch.seq))
+            return
+        for job, result in zip(group, results, strict=True):
             job.future.set_result(result)
 
     def _commit(self, group: list[Job]) -> list[str]:
@@ -118,7 +120,6 @@ class IngestWriter:
                 results.append(STORED)
             if fresh:
                 self._insert(conn, fresh, now)
-        self.points_stored += sum(job.batch.n_points for job in group)
         return results
 
     @staticmethod
@@ -155,8 +156,8 @@ class IngestWriter:
                         "key_id": self._key_id(conn, job.run_id, "histogram", h.key),
                         "step": h.step,
                         "wall_time": h.wall,
-                        "edges": h.edges.tobytes(),
-                        "counts": h.counts.tobytes(),
+                        "edges": pack_f64(h.edges),
+                        "counts": pack_i64(h.counts),
                         "nan_count": h.nan,
                         "pinf_count": h.pinf,
                         "ninf_count": h.ninf,
@@ -224,19 +225,11 @@ class IngestWriter:
     def _key_id(self, conn: Connection, run_id: int, kind: str, name: str) -> int:
         cache_key = (run_id, kind, name)
         key_id = self._keys.get(cache_key)
-        if key_id is not None:
-            return key_id
-        stmt = (sqlite_insert if self.store.sqlite else pg_insert)(metric_keys).values(
-            run_id=run_id, kind=kind, name=name
-        )
-        conn.execute(stmt.on_conflict_do_nothing(index_elements=["run_id", "kind", "name"]))
-        key_id = conn.execute(
-            select(metric_keys.c.id).where(
-                metric_keys.c.run_id == run_id, metric_keys.c.kind == kind, metric_keys.c.name == name
-            )
-        ).scalar_one()
-        self._keys[cache_key] = int(key_id)
-        return int(key_id)
+        if key_id is None:
+            ident = {"run_id": run_id, "kind": kind, "name": name}
+            key_id, _ = self.store.get_or_create(conn, metric_keys, ident, {}, conflict=["run_id", "kind", "name"])
+            self._keys[cache_key] = key_id
+        return key_id
 
 
 def _chain(parts: list[Iterable[tuple[int, int, float, float]]]) -> Iterator[tuple[int, int, float, float]]:

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy import Connection, Engine, Table, and_, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Hello
@@ -41,6 +43,7 @@ RUN_COLUMNS = (
     runs.c.n_events,
     runs.c.last_step,
     runs.c.drops,
+    runs.c.config,
 )
 
 
@@ -62,11 +65,7 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except TrimtabError:
-            raise
-        except (OperationalError, SQLAlchemyError) as exc:
-            if isinstance(exc, IntegrityError):
-                raise
+        except (OperationalError, InterfaceError) as exc:  # unreachable, locked, out of space
             logger.error("database error: %s", exc)
             raise TrimtabError(
                 ErrorCode.STORE_UNAVAILABLE,
@@ -82,28 +81,25 @@ class Store:
         """Find or create the run named by ``hello``. Returns (run id, acked seq)."""
         now = time.time()
         with self.transaction() as conn:
-            project_id = self._project_id(conn, hello.run.project, now)
-            row = conn.execute(select(runs.c.id, runs.c.project_id).where(runs.c.uid == hello.run.uid)).first()
-            if row is None:
-                run_id = conn.execute(
-                    insert(runs).returning(runs.c.id),
-                    {
-                        "uid": hello.run.uid,
-                        "project_id": project_id,
-                        "name": hello.run.name,
-                        "status": "running",
-                        "created_at": now,
-                        "last_seen_at": now,
-                        "host": hello.host[:256],
-                        "agent_version": hello.agent_version[:64],
-                        "world_size": hello.world_size,
-                        "config": hello.config,
-                        "drops": {},
-                    },
-                ).scalar_one()
-            else:
-                run_id = row.id
-                if row.project_id != project_id:
+            project_id, _ = self.get_or_create(
+                conn, projects, {"name": hello.run.project}, {"created_at": now}, conflict=["name"]
+            )
+            new_run = {
+                "project_id": project_id,
+                "name": hello.run.name,
+                "status": "running",
+                "created_at": now,
+                "last_seen_at": now,
+                "host": hello.host[:256],
+                "agent_version": hello.agent_version[:64],
+                "world_size": hello.world_size,
+                "config": hello.config,
+                "drops": {},
+            }
+            run_id, created = self.get_or_create(conn, runs, {"uid": hello.run.uid}, new_run, conflict=["uid"])
+            if not created:  # an existing run reconnecting
+                owner = conn.execute(select(runs.c.project_id).where(runs.c.id == run_id)).scalar_one()
+                if owner != project_id:
                     raise TrimtabError(ErrorCode.RUN_CONFLICT, f"run {hello.run.uid} belongs to another project")
                 values: dict[str, Any] = {"last_seen_at": now}
                 if not hello.replay:
@@ -111,19 +107,23 @@ class Store:
                 conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
             return run_id, self._acked_seq(conn, run_id, hello.rank, hello.resume_from_seq)
 
-    def _project_id(self, conn: Connection, name: str, now: float) -> int:
-        found = conn.execute(select(projects.c.id).where(projects.c.name == name)).scalar()
+    def get_or_create(
+        self, conn: Connection, table: Table, ident: dict[str, Any], extra: dict[str, Any], conflict: list[str]
+    ) -> tuple[int, bool]:
+        """(id, created) of the row matching ``ident``, inserting it (with ``extra``) if missing.
+
+        INSERT ... ON CONFLICT DO NOTHING, then SELECT: safe against a concurrent insert of the
+        same row by another connection or server replica, with no savepoint.
+        """
+        where = [table.c[k] == v for k, v in ident.items()]
+        found = conn.execute(select(table.c.id).where(*where)).scalar()
         if found is not None:
-            return int(found)
-        try:
-            with conn.begin_nested():
-                return int(
-                    conn.execute(
-                        insert(projects).returning(projects.c.id), {"name": name, "created_at": now}
-                    ).scalar_one()
-                )
-        except IntegrityError:  # created concurrently by another connection
-            return int(conn.execute(select(projects.c.id).where(projects.c.name == name)).scalar_one())
+            return int(found), False
+        insert_ = sqlite_insert if self.sqlite else pg_insert
+        inserted = conn.execute(
+            insert_(table).values(**ident, **extra).on_conflict_do_nothing(index_elements=conflict)
+        ).rowcount
+        return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), inserted == 1
 
     @staticmethod
     def _acked_seq(conn: Connection, run_id: int, rank: int, resume_from: int) -> int:
@@ -180,8 +180,10 @@ class Store:
 
     def list_keys(self, run_id: int) -> list[dict[str, Any]]:
         self.get_run(run_id)
+        run_keys = select(metric_keys.c.id).where(metric_keys.c.run_id == run_id, metric_keys.c.kind == "scalar")
         stats = (
             select(scalar_points.c.key_id, func.count().label("n"), func.max(scalar_points.c.step).label("last_step"))
+            .where(scalar_points.c.key_id.in_(run_keys))
             .group_by(scalar_points.c.key_id)
             .subquery()
         )

@@ -133,3 +133,46 @@ def test_every_error_code_has_an_http_status_and_close_code() -> None:
         status, close = ERROR_TABLE[code]
         assert 400 <= status < 600
         assert close in (1003, 1007, 1009, 1011, 1013) or 4000 <= close < 5000
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"histograms": [{"k": "h", "step": 1, "wall": 0.0, "edges": b"\0" * 20, "counts": b"\0" * 12}]},
+        {"histograms": [{"k": "h", "step": 1, "wall": 0.0, "edges": b"\0" * 16, "counts": b"\0" * 16}]},
+        {"events": [{"kind": "nan", "wall": 0.0, "data": {"raw": b"bytes"}}]},
+        {"events": [{"kind": "nan", "wall": 0.0, "data": {"value": math.nan}}]},
+        {"events": [{"kind": "nan", "wall": 0.0, "data": {"text": "nul\x00"}}]},
+        {"events": [{"kind": "nan", "wall": 0.0, "data": {"big": 2**63}}]},
+    ],
+)
+def test_histograms_and_events_the_store_cannot_hold_are_invalid_batches(entry: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(protocol.encode({"t": "batch", "seq": 3, **entry}))
+    assert (info.value.code, info.value.seq) == (ErrorCode.INVALID_BATCH, 3)
+
+
+def test_hello_config_must_be_storable_and_name_bounded() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(protocol.encode(_hello(config={"lr": math.inf})))
+    assert info.value.code == ErrorCode.BAD_FRAME and "config" in info.value.message
+    with pytest.raises(ProtocolError):
+        protocol.decode_agent_frame(protocol.encode(_hello(run={"uid": "u", "project": "p", "name": "n" * 257})))
+
+
+def test_valid_histogram_round_trips() -> None:
+    edges, counts = array("d", [0.0, 0.5, 1.0]), array("q", [3, 4])
+    entry = {
+        "k": "w",
+        "step": 2,
+        "wall": 1.0,
+        "edges": protocol.pack_f64(edges),
+        "counts": protocol.pack_i64(counts),
+        "nan": 1,
+        "pinf": 2,
+        "ninf": 3,
+    }
+    frame = protocol.decode_agent_frame(protocol.encode({"t": "batch", "seq": 1, "histograms": [entry]}))
+    assert isinstance(frame, Batch)
+    h = frame.histograms[0]
+    assert (list(h.edges), list(h.counts), h.nan, h.pinf, h.ninf) == ([0.0, 0.5, 1.0], [3, 4], 1, 2, 3)

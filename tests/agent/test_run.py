@@ -42,9 +42,11 @@ def test_bad_input_never_raises_and_is_counted(offline_run: trimtab.Run) -> None
     offline_run.log({"x" * 1000: 1.0}, step=2)
     offline_run.log({5: 1.0}, step=3)  # type: ignore[dict-item]
     offline_run.log(None)  # type: ignore[arg-type]
+    offline_run.log({"loss": 1.0}, step=2**63)  # outside int64: dropped in the sender, not the whole drain
+    offline_run.log({"after": 1.0}, step=4)
     offline_run.finish(timeout=0.2)  # the sender validates keys off the training thread
     drops = offline_run.drops.snapshot()
-    assert drops == {"bad_value": 3, "bad_step": 1, "bad_key": 2, "bad_data": 1}
+    assert drops == {"bad_value": 3, "bad_step": 2, "bad_key": 2, "bad_data": 1}
 
 
 def test_accepts_ints_bools_numpy_like_and_tensors(offline_run: trimtab.Run) -> None:
@@ -105,3 +107,18 @@ def test_importing_trimtab_pulls_in_no_server_dependencies() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_is_made_storable_and_long_names_truncated(tmp_path: Path) -> None:
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}",
+        name="n" * 300,
+        spool_dir=str(tmp_path),
+        replay_orphans=False,
+        config={"path": Path("/data"), "eps": math.inf, "betas": (0.9, 0.95)},
+    )
+    try:
+        assert run.identity.config == {"path": "/data", "eps": "inf", "betas": [0.9, 0.95]}
+        assert run.identity.name == "n" * 256
+    finally:
+        run.finish(timeout=0.2)

@@ -105,3 +105,22 @@ def test_killed_agent_spool_is_replayed_by_the_next_process(db_url: str, tmp_pat
     finally:
         first.kill()
         server.stop()
+
+
+def test_a_batch_larger_than_a_frame_is_split(server: ServerProcess, tmp_path: Path) -> None:
+    import trimtab
+
+    n = 500_000  # one key, 24 bytes a point: 12 MB, over the 8 MiB frame limit
+    run = trimtab.init(
+        server=server.url,
+        name="huge",
+        spool_dir=str(tmp_path),
+        replay_orphans=False,
+        max_batch_points=10_000_000,
+        max_queue=10_000_000,
+        flush_interval=3600,
+    )
+    for step in range(n):
+        run.log({"x": float(step)}, step=step)
+    assert run.finish(timeout=120) is True
+    assert run_by_name(server, "huge")["n_points"] == n

@@ -112,3 +112,24 @@ def test_open_run_in_another_project_is_a_conflict(store: Store) -> None:
     with pytest.raises(TrimtabError) as info:
         store.open_run(Hello(RunRef("run-a", "other", None), 1, "0", "h", 1, 0, 1, {}))
     assert info.value.code.value == "run_conflict"
+
+
+def test_a_batch_the_database_refuses_does_not_fail_its_group(store: Store) -> None:
+    from trimtab.errors import ErrorCode
+    from trimtab.protocol import ProtocolError
+
+    run_id, _ = store.open_run(_hello())
+    writer = IngestWriter(store)
+    # Built directly, past protocol validation: bytes cannot go into a JSON column.
+    poison = Batch(2, [], [], [Event("x", 1, 1.0, "info", {"raw": b"\x00"})])
+    futures = [writer.submit(run_id, 0, b) for b in (_batch(1, 0, 5), poison, _batch(3, 5, 5))]
+    writer.start()  # all three are queued, so they form one group commit
+    try:
+        assert futures[0].result(30) == STORED
+        assert futures[2].result(30) == STORED
+        with pytest.raises(ProtocolError) as info:
+            futures[1].result(30)
+        assert (info.value.code, info.value.seq) == (ErrorCode.INVALID_BATCH, 2)
+    finally:
+        writer.stop()
+    assert store.scalar_rows(run_id, "loss", None, None).steps == list(range(10))
