@@ -232,15 +232,14 @@ class Run:
 
 
 def _to_number(value: Any) -> Any:
-    """A float, or a 0-d accelerator tensor to be read by the sender thread; None if not a number."""
+    """A float, or a 1-element accelerator tensor to be read by the sender thread; None if not a number."""
     if isinstance(value, (bool, int, float)):
         return float(value)
     if type(value).__module__.startswith("torch"):
         try:
-            if value.numel() != 1:
-                return None
-            value = value.detach()
-            return float(value) if value.device.type == "cpu" else value
+            if value.is_cpu:
+                return float(value)  # no device to wait for; raises unless it has one element
+            return value.detach() if value.numel() == 1 else None  # read later, off this thread
         except Exception:
             return None
     try:
