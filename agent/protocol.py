@@ -354,9 +354,13 @@ def _histogram(obj: Any) -> Histogram:
         raise ProtocolError(ErrorCode.INVALID_BATCH, "each histograms entry must be a map")
     key = _key(obj)
     raw_edges, raw_counts = obj.get("edges"), obj.get("counts")
-    ok = isinstance(raw_edges, bytes) and isinstance(raw_counts, bytes)
-    ok = ok and len(raw_edges) % 8 == 0 and len(raw_counts) % 8 == 0 and len(raw_edges) == len(raw_counts) + 8
-    if not ok:
+    if not (
+        isinstance(raw_edges, bytes)
+        and isinstance(raw_counts, bytes)
+        and len(raw_edges) % 8 == 0
+        and len(raw_counts) % 8 == 0
+        and len(raw_edges) == len(raw_counts) + 8
+    ):
         raise ProtocolError(
             ErrorCode.INVALID_BATCH,
             f"histogram {key!r}: 'edges' and 'counts' must be packed arrays, len(edges) = len(counts) + 1",

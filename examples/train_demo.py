@@ -28,11 +28,14 @@ class TinyGPT(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, n_layers)
         self.head = nn.Linear(d_model, vocab)
+        self.mask: torch.Tensor
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
-        return self.head(self.blocks(x, mask=self.mask[: tokens.shape[1], : tokens.shape[1]], is_causal=True))
+        n = tokens.shape[1]
+        x = self.embed(tokens) + self.pos[:n]
+        out: torch.Tensor = self.head(self.blocks(x, mask=self.mask[:n, :n], is_causal=True))
+        return out
 
 
 def main() -> None:
@@ -67,7 +70,7 @@ def main() -> None:
             y = torch.randint(0, len(chars), y.shape)  # a corrupted batch: labels are noise
         loss = nn.functional.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
