@@ -32,6 +32,7 @@ from trimtab.spool import Spool
 logger = logging.getLogger("trimtab")
 
 POLL_SECONDS = 0.02
+OFFLINE_FINISH_GRACE = 5.0
 # websockets >= 17 warns unless a directly returned connection is asked for explicitly.
 _CONNECT_KWARGS: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 BACKOFF_INITIAL = 0.25
@@ -95,6 +96,7 @@ class Sender:
         self._ws: ClientConnection | None = None
         self._stop = threading.Event()
         self._deadline = float("inf")
+        self._offline_deadline = float("inf")
         self._backoff = Backoff(BACKOFF_INITIAL, opts.max_backoff)
         self._next_attempt = 0.0
         self._last_flush = 0.0
@@ -109,8 +111,15 @@ class Sender:
         self._thread.start()
 
     def finish(self, timeout: float) -> bool:
-        """Flush, wait up to ``timeout`` for every batch to be acked, say bye. True if all acked."""
-        self._deadline = time.monotonic() + timeout
+        """Flush, wait up to ``timeout`` for every batch to be acked, say bye. True if all acked.
+
+        With the server unreachable and everything safe in the spool, it gives up after
+        ``OFFLINE_FINISH_GRACE`` seconds instead: the next process replays the spool, and a
+        script should not hang at exit because the server is down.
+        """
+        now = time.monotonic()
+        self._deadline = now + timeout
+        self._offline_deadline = now + min(timeout, OFFLINE_FINISH_GRACE)
         self._stop.set()
         self._thread.join(timeout + 5.0)
         return self.finished_cleanly
@@ -140,7 +149,8 @@ class Sender:
         if self.buffer is None and self.session.idle:
             self.finished_cleanly = True  # an orphan replay ends once the server has it all
             return True
-        if stopping and (self._drained() or now >= self._deadline):
+        offline_and_spooled = self._ws is None and self.spool is not None and now >= self._offline_deadline
+        if stopping and (self._drained() or now >= self._deadline or offline_and_spooled):
             if self._ws is not None and self._drained():
                 self._send_frame(protocol.bye_frame(self.drops.snapshot()))
                 self.finished_cleanly = True

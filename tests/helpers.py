@@ -48,6 +48,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``trimtab ARGS`` in a subprocess, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "trimtab.cli", *args],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+        timeout=120,
+        check=check,
+    )
+
+
 class ServerProcess:
     """``trimtab server`` in a subprocess; can be SIGKILLed and restarted on the same port and database."""
 

@@ -122,3 +122,12 @@ def test_config_is_made_storable_and_long_names_truncated(tmp_path: Path) -> Non
         assert run.identity.name == "n" * 256
     finally:
         run.finish(timeout=0.2)
+
+
+def test_finish_does_not_hang_while_the_server_is_down(tmp_path: Path) -> None:
+    run = trimtab.init(server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), replay_orphans=False)
+    run.log({"loss": 1.0}, step=0)
+    # An hour-long timeout: returning at all (within pytest's per-test timeout) shows that an
+    # unreachable server with everything spooled ends finish() early.
+    assert run.finish(timeout=3600) is False
+    assert any(tmp_path.glob("*/seg-*.log"))

@@ -124,3 +124,16 @@ def test_a_batch_larger_than_a_frame_is_split(server: ServerProcess, tmp_path: P
         run.log({"x": float(step)}, step=step)
     assert run.finish(timeout=120) is True
     assert run_by_name(server, "huge")["n_points"] == n
+
+
+def test_interpreter_exit_flushes_without_finish(server: ServerProcess, tmp_path: Path) -> None:
+    code = (
+        "import trimtab\n"
+        f"run = trimtab.init(server={server.url!r}, name='atexit', spool_dir={str(tmp_path)!r})\n"
+        "for step in range(1000):\n"
+        "    run.log({'loss': float(step)}, step=step)\n"
+        "# no finish(): the atexit hook must flush\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env(), cwd=ROOT, timeout=120)
+    run = run_by_name(server, "atexit")
+    assert (run["n_points"], run["status"]) == (1000, "finished")

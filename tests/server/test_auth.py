@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,22 +12,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import trimtab
-from tests.helpers import ROOT, ServerProcess, api_status, free_port, recv_frame, subprocess_env
+from tests.helpers import ServerProcess, api_status, free_port, recv_frame, run_cli
 from trimtab import protocol
 from trimtab.server.engine import make_engine
 from trimtab.server.tables import api_tokens
 
 
 def _token(db_url: str, scopes: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "trimtab.cli", "token", "create", "--scopes", scopes, "--name", scopes, "--db", db_url],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=60,
-        check=True,
-    )
+    result = run_cli("token", "create", "--scopes", scopes, "--name", scopes, "--db", db_url)
     token = result.stdout.strip()
     assert token.startswith("tt_") and len(token) > 40
     return token
@@ -97,39 +87,13 @@ def test_rest_scopes(auth_server: ServerProcess, migrated_db: str) -> None:
 
 
 def test_no_auth_is_refused_on_a_public_bind(migrated_db: str) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trimtab.cli",
-            "server",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(free_port()),
-            "--db",
-            migrated_db,
-            "--no-auth",
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=60,
-        check=False,
+    result = run_cli(
+        "server", "--host", "0.0.0.0", "--port", str(free_port()), "--db", migrated_db, "--no-auth", check=False
     )
     assert result.returncode != 0
     assert "--no-auth is allowed only on a loopback address" in result.stderr
 
 
 def test_unknown_scope_is_refused(migrated_db: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trimtab.cli", "token", "create", "--scopes", "read,root", "--db", migrated_db],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("token", "create", "--scopes", "read,root", "--db", migrated_db, check=False)
     assert result.returncode == 2 and "scopes must be" in result.stderr

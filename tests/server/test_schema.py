@@ -3,13 +3,10 @@ a database that is behind."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from tests.helpers import ROOT, free_port, subprocess_env
+from tests.helpers import free_port, run_cli
 from trimtab.server import migrate
 from trimtab.server.engine import make_engine
 from trimtab.server.tables import metadata
@@ -36,32 +33,13 @@ def test_upgrade_is_idempotent(migrated_db: str) -> None:
 
 
 def test_server_refuses_a_database_without_the_schema_and_says_what_to_run(db_url: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "trimtab.cli", "server", "--port", str(free_port()), "--db", db_url, "--no-auth"],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("server", "--port", str(free_port()), "--db", db_url, "--no-auth", check=False)
     assert result.returncode == 2
     assert "trimtab db upgrade --db" in result.stderr
     assert "has no trimtab schema" in result.stderr
 
 
 def test_db_upgrade_command_then_current(db_url: str) -> None:
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "trimtab.cli", *args],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
-            timeout=60,
-            check=True,
-        )
-
-    assert "empty" in cli("db", "current", "--db", db_url).stdout
-    cli("db", "upgrade", "--db", db_url)
-    assert cli("db", "current", "--db", db_url).stdout.strip() == migrate.head_revision()
+    assert "empty" in run_cli("db", "current", "--db", db_url).stdout
+    run_cli("db", "upgrade", "--db", db_url)
+    assert run_cli("db", "current", "--db", db_url).stdout.strip() == migrate.head_revision()
