@@ -91,7 +91,7 @@ class Run:
         accelerator is read by the sender thread, so ``log`` itself never synchronises.
         """
         try:
-            if self._closed or os.getpid() != self._pid:
+            if self._closed:  # also set in a forked child, by the register_at_fork hook below
                 return
             if step is None:
                 step = self._next_step
@@ -108,8 +108,12 @@ class Run:
                 if kind is not float and kind is not int:
                     record = self._sanitize(data)
                     break
-            if not self._buffer.put((step, time.time(), dict(data) if record is None else record)):
-                self.drops.add("queue_full", len(data))
+            if record is None:
+                record = dict(data)
+            elif not record:
+                return  # every value was dropped (and counted) by _sanitize
+            if not self._buffer.put((step, time.time(), record)):
+                self.drops.add("queue_full", len(record))
                 self._warn_once("queue", "log queue is full (the sender cannot keep up); points dropped and counted")
         except Exception as exc:
             if not isinstance(data, Mapping):
