@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import trimtab
 from tests.helpers import ServerProcess, api_status
 from trimtab.protocol import float_from_json
 
 
-def _stream(server: ServerProcess, tmp_path: Path, name: str, project: str = "api", **options: object) -> trimtab.Run:
+def _stream(server: ServerProcess, tmp_path: Path, name: str, project: str = "api", **options: Any) -> trimtab.Run:
     return trimtab.init(
         server=server.url, project=project, name=name, spool_dir=str(tmp_path / name), replay_orphans=False, **options
     )
