@@ -131,3 +131,19 @@ def test_finish_does_not_hang_while_the_server_is_down(tmp_path: Path) -> None:
     # unreachable server with everything spooled ends finish() early.
     assert run.finish(timeout=3600) is False
     assert any(tmp_path.glob("*/seg-*.log"))
+
+
+def test_accelerator_tensors_are_read_by_the_sender_not_in_log(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), replay_orphans=False, flush_interval=3600
+    )
+    try:
+        device_value = torch.empty((), device="meta")  # not on the CPU, like a CUDA tensor
+        run.log({"loss": device_value, "lr": 0.1}, step=0)
+        ((_, _, record),) = list(run._buffer._records)
+        assert record["loss"] is not device_value and isinstance(record["loss"], torch.Tensor)  # detached, deferred
+        assert record["lr"] == 0.1
+    finally:
+        run.finish(timeout=0.5)
+    assert run.drops.snapshot() == {"bad_value": 1}  # a meta tensor has no value to read, unlike a CUDA one
