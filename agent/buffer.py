@@ -92,10 +92,16 @@ class Buffer:
     def _key_ok(self, key: object) -> bool:
         if key in self._valid_keys:
             return True
-        if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH:
-            self._valid_keys.add(key)
-            return True
-        return False
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH or "\x00" in key:
+            return False
+        try:
+            key.encode("utf-8")  # a lone surrogate cannot travel
+        except UnicodeEncodeError:
+            return False
+        if len(self._valid_keys) > 100_000:  # someone logs a fresh key every step; stay bounded
+            self._valid_keys.clear()
+        self._valid_keys.add(key)
+        return True
 
 
 def _series(cols: dict[str, tuple[array[int], array[float], array[float]]]) -> list[dict[str, Any]]:

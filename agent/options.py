@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -93,7 +94,20 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
         if raw is None or name == "config":
             continue
         values[name] = _parse(name, raw, f)
-    return Options(**values)
+    opts = Options(**values)
+    _check_server_url(opts.ws_url, opts.server)
+    return opts
+
+
+def _check_server_url(ws_url: str, given: str) -> None:
+    """A malformed server URL is a programming error: say so at init, not forever in a log."""
+    try:
+        parts = urlsplit(ws_url)
+        port = parts.port  # raises ValueError when out of range
+    except ValueError as exc:
+        raise ValueError(f"trimtab.init: server={given!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("ws", "wss") or not parts.hostname or (port is not None and port == 0):
+        raise ValueError(f"trimtab.init: server={given!r} is not a valid http(s):// or ws(s):// URL")
 
 
 def jsonable(value: Any, depth: int = 0) -> Any:

@@ -25,6 +25,8 @@ from trimtab.errors import ErrorCode, TrimtabError
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 256
 MAX_NAME_LENGTH = 256
 MAX_PROJECT_LENGTH = 128
@@ -302,25 +304,28 @@ def _hello(obj: dict[str, Any]) -> Hello:
     name = _opt(run, "name", str)
     if name is not None and len(name) > MAX_NAME_LENGTH:
         raise ProtocolError(ErrorCode.BAD_FRAME, f"run.name must be at most {MAX_NAME_LENGTH} characters")
-    rank = _opt_int(obj, "rank") or 0
-    world_size = _opt_int(obj, "world_size") or 1
+    rank = _opt_int(obj, "rank", 0, INT32_MAX) or 0
+    world_size = _opt_int(obj, "world_size", 1, INT32_MAX) or 1
+    replay = obj.get("replay", False)
+    if not isinstance(replay, bool):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "field 'replay' must be a boolean")
     return Hello(
         run=RunRef(uid=uid, project=project, name=name),
-        resume_from_seq=_opt_int(obj, "resume_from_seq") or 0,
+        resume_from_seq=_opt_int(obj, "resume_from_seq", 0) or 0,
         agent_version=_opt(obj, "agent_version", str) or "",
         host=_opt(obj, "host", str) or "",
         pid=_opt_int(obj, "pid") or 0,
         rank=rank,
         world_size=world_size,
         config=_json_map(obj, "config"),
-        replay=bool(obj.get("replay", False)),
+        replay=replay,
     )
 
 
 def _batch(obj: dict[str, Any]) -> Batch:
     seq = obj.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "batch needs a positive integer 'seq'")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= INT64_MAX:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "batch needs a positive 64-bit integer 'seq'")
     try:
         scalars = [_series(s) for s in _list(obj, "scalars")]
         histograms = [_histogram(h) for h in _list(obj, "histograms")]
@@ -341,10 +346,14 @@ def _series(obj: Any) -> ScalarSeries:
         raise ProtocolError(
             ErrorCode.INVALID_BATCH, f"key {key!r}: steps, walls and values must be equal-length 8-byte arrays"
         )
+    walls = unpack_array("d", raw_walls)
+    # sum() runs in C; it is finite when every wall time is (barring an overflow, checked exactly)
+    if not math.isfinite(sum(walls)) and not all(map(math.isfinite, walls)):
+        raise ProtocolError(ErrorCode.INVALID_BATCH, f"key {key!r}: wall times must be finite")
     return ScalarSeries(
         key=key,
         steps=unpack_array("q", raw_steps),
-        walls=unpack_array("d", raw_walls),
+        walls=walls,
         values=unpack_array("d", raw_values),
     )
 
@@ -371,9 +380,9 @@ def _histogram(obj: Any) -> Histogram:
         wall=_req_float(obj, "wall"),
         edges=unpack_array("d", raw_edges),
         counts=unpack_array("q", raw_counts),
-        nan=_opt_int(obj, "nan") or 0,
-        pinf=_opt_int(obj, "pinf") or 0,
-        ninf=_opt_int(obj, "ninf") or 0,
+        nan=_opt_int(obj, "nan", 0) or 0,
+        pinf=_opt_int(obj, "pinf", 0) or 0,
+        ninf=_opt_int(obj, "ninf", 0) or 0,
     )
 
 
@@ -447,6 +456,8 @@ def _req(obj: dict[str, Any], name: str, typ: type) -> Any:
     value = obj.get(name)
     if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be {_TYPE_NAMES.get(typ, typ.__name__)}")
+    if isinstance(value, str) and "\x00" in value:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' may not contain NUL characters")
     return value
 
 
@@ -454,20 +465,21 @@ def _opt(obj: dict[str, Any], name: str, typ: type) -> Any:
     return None if obj.get(name) is None else _req(obj, name, typ)
 
 
-def _req_int(obj: dict[str, Any], name: str) -> int:
+def _req_int(obj: dict[str, Any], name: str, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
     value: int = _req(obj, name, int)
+    if not lo <= value <= hi:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be between {lo} and {hi}")
     return value
 
 
-def _opt_int(obj: dict[str, Any], name: str) -> int | None:
-    value: int | None = _opt(obj, name, int)
-    return value
+def _opt_int(obj: dict[str, Any], name: str, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int | None:
+    return None if obj.get(name) is None else _req_int(obj, name, lo, hi)
 
 
 def _req_float(obj: dict[str, Any], name: str) -> float:
     value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field '{name}' must be a finite number")
     return float(value)
 
 

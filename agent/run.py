@@ -19,7 +19,7 @@ from trimtab import internal
 from trimtab.buffer import Buffer, Drops
 from trimtab.options import Options, jsonable
 from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH
-from trimtab.sender import Identity, Sender
+from trimtab.sender import BYE_WAIT, OFFLINE_FINISH_GRACE, Identity, Sender
 from trimtab.session import Session
 from trimtab.spool import Spool, SpoolLocked, orphaned_runs
 from trimtab.version import __version__
@@ -68,8 +68,10 @@ class Run:
         )
         self._replays: list[Sender] = []
         self._sender.start()
+        self._scan: threading.Thread | None = None
         if opts.replay_orphans and opts.spool_path is not None:
-            threading.Thread(target=self._replay_orphans, name="trimtab-replay", daemon=True).start()
+            self._scan = threading.Thread(target=self._replay_orphans, name="trimtab-replay", daemon=True)
+            self._scan.start()
         _live_runs.add(self)
         atexit.register(_finish_at_exit, weakref.ref(self))
 
@@ -123,20 +125,28 @@ class Run:
             internal.report("Run.log", exc)
 
     def finish(self, timeout: float | None = None) -> bool:
-        """Flush everything and end the run. True when the server acknowledged every batch.
+        """Flush everything and end the run. True when the server acknowledged every batch and
+        confirmed the run finished.
 
-        Whatever is not acknowledged within ``timeout`` stays in the disk spool, and the next
-        ``trimtab.init`` on this machine replays it.
+        Waits at most ``timeout`` (default ``finish_timeout``); while the server is unreachable
+        it gives up after 5 s, since everything is already in the disk spool. Whatever is not
+        acknowledged stays there, and the next ``trimtab.init`` on this machine replays it.
         """
         if self._closed or os.getpid() != self._pid:
             return False
         self._closed = True
         timeout = self.options.finish_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
         try:
-            ok = self._sender.finish(timeout)
+            now = time.monotonic()
+            deadline, offline_deadline = now + timeout, now + min(timeout, OFFLINE_FINISH_GRACE)
+            if self._scan is not None:  # let the orphan scan start its replays, so they are finished too
+                self._scan.join(max(0.0, deadline - now))
+            senders = [self._sender, *self._replays]
+            for sender in senders:  # all stop together: one grace period, not one each
+                sender.request_stop(deadline, offline_deadline)
+            ok = self._sender.join(deadline + BYE_WAIT + 1.0 - time.monotonic())
             for replay in self._replays:
-                replay.finish(max(0.0, deadline - time.monotonic()))
+                replay.join(deadline + 1.0 - time.monotonic())
             return ok
         except Exception as exc:
             internal.report("Run.finish", exc)
@@ -202,28 +212,37 @@ class Run:
         root = self.options.spool_path
         assert root is not None
         try:
-            for path in orphaned_runs(root, exclude=self.uid):
-                meta = Spool.read_meta(path)
-                if meta is None or meta.get("server") != self.options.server:
-                    continue
-                self._start_replay(path, meta)
-        except Exception as exc:
-            internal.report("orphan replay", exc)
+            orphans = list(orphaned_runs(root, exclude=self.uid))
+        except OSError as exc:
+            logger.warning("trimtab: cannot scan the spool %s for earlier runs: %s", root, exc)
+            return
+        for path in orphans:
+            try:
+                self._start_replay(path)
+            except Exception as exc:  # one damaged spool must not stop the others
+                logger.warning("trimtab: cannot replay the spool %s: %s", path, exc)
 
-    def _start_replay(self, path: Path, meta: dict[str, Any]) -> None:
+    def _start_replay(self, path: Path) -> None:
+        meta = Spool.read_meta(path)
+        if meta is None or meta.get("server") != self.options.server:
+            return
+        fields = {f.name for f in dataclasses.fields(Identity)}
+        identity = Identity(**{k: v for k, v in meta.items() if k in fields})
         try:
             spool = Spool(path)
-        except (OSError, SpoolLocked):
-            return
-        records = list(spool.recover())
+        except SpoolLocked:
+            return  # another process got there first
+        try:
+            records = list(spool.recover())
+        except Exception:
+            spool.close(remove_if_empty=False)
+            raise
         if not records:
             spool.close()
             return
         session = Session(next_seq=records[-1][0] + 1, window=self.options.window)
         for seq, location in records:
             session.add(seq, None, location)
-        fields = {f.name for f in dataclasses.fields(Identity)}
-        identity = Identity(**{k: v for k, v in meta.items() if k in fields})
         logger.info("trimtab: replaying %d spooled batches of run %s", len(records), identity.uid)
         replay = Sender(self.options, identity, session, spool, Drops())
         self._replays.append(replay)
@@ -255,7 +274,7 @@ def _to_number(value: Any) -> Any:
 def _is_integral(step: Any) -> bool:
     try:
         return not isinstance(step, bool) and int(step) == step
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
 
 

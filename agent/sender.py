@@ -9,7 +9,6 @@ thread; every exception is caught, logged and counted (``trimtab.internal``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import random
@@ -20,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from trimtab import internal, protocol
 from trimtab.buffer import Buffer, Drops
+from trimtab.handshake import Handshake, Welcome
 from trimtab.options import Options
 from trimtab.session import Pending, Session
 from trimtab.spool import Spool
@@ -32,12 +32,12 @@ from trimtab.spool import Spool
 logger = logging.getLogger("trimtab")
 
 POLL_SECONDS = 0.02
-OFFLINE_FINISH_GRACE = 5.0
-# websockets >= 17 warns unless a directly returned connection is asked for explicitly.
-_CONNECT_KWARGS: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 BACKOFF_INITIAL = 0.25
-# Errors a reconnect cannot fix: keep spooling, retry slowly, say so once.
-_FATAL_CODES = {"unauthorized", "forbidden", "unsupported_version", "run_conflict"}
+# How long finish() keeps trying while the server is unreachable and nothing would be lost
+# by giving up (everything is in the spool, or everything is acked and only bye is left).
+OFFLINE_FINISH_GRACE = 5.0
+# How long to wait for the server to confirm bye (it closes once the run is marked finished).
+BYE_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,6 @@ class Identity:
     config: dict[str, Any]
     rank: int = 0
     world_size: int = 1
-
-
-class RemoteError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class Backoff:
@@ -94,6 +87,7 @@ class Sender:
         self.buffer = buffer
         self._on_run_id = on_run_id
         self._ws: ClientConnection | None = None
+        self._handshake: Handshake | None = None
         self._stop = threading.Event()
         self._deadline = float("inf")
         self._offline_deadline = float("inf")
@@ -110,19 +104,23 @@ class Sender:
     def start(self) -> None:
         self._thread.start()
 
-    def finish(self, timeout: float) -> bool:
-        """Flush, wait up to ``timeout`` for every batch to be acked, say bye. True if all acked.
-
-        With the server unreachable and everything safe in the spool, it gives up after
-        ``OFFLINE_FINISH_GRACE`` seconds instead: the next process replays the spool, and a
-        script should not hang at exit because the server is down.
-        """
-        now = time.monotonic()
-        self._deadline = now + timeout
-        self._offline_deadline = now + min(timeout, OFFLINE_FINISH_GRACE)
+    def request_stop(self, deadline: float, offline_deadline: float) -> None:
+        """Flush and stop by ``deadline`` (monotonic); give up at ``offline_deadline`` if the
+        server is unreachable and giving up loses nothing (see OFFLINE_FINISH_GRACE)."""
+        self._deadline = deadline
+        self._offline_deadline = offline_deadline
         self._stop.set()
-        self._thread.join(timeout + 5.0)
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread; True when every batch was acked and the server confirmed bye
+        (for a replay: when every batch was acked)."""
+        self._thread.join(max(0.0, timeout))
         return self.finished_cleanly
+
+    def finish(self, timeout: float) -> bool:
+        now = time.monotonic()
+        self.request_stop(now + timeout, now + min(timeout, OFFLINE_FINISH_GRACE))
+        return self.join(timeout + BYE_WAIT + 1.0)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
@@ -149,19 +147,18 @@ class Sender:
         if self.buffer is None and self.session.idle:
             self.finished_cleanly = True  # an orphan replay ends once the server has it all
             return True
-        offline_and_spooled = self._ws is None and self.spool is not None and now >= self._offline_deadline
-        if stopping and (self._drained() or now >= self._deadline or offline_and_spooled):
+        if stopping:
+            if now >= self._deadline:
+                return True
+            nothing_to_lose = self.spool is not None or self.session.idle
+            if self._ws is None and now >= self._offline_deadline and nothing_to_lose:
+                return True
             if self._ws is not None and self._drained():
-                self._send_frame(protocol.bye_frame(self.drops.snapshot()))
-                self.finished_cleanly = True
-            elif self._drained():
-                self.finished_cleanly = True
-            return True
+                self._say_bye()
+                return True
         if self._ws is None:
-            if now >= self._next_attempt:
-                self._connect()
-            else:
-                self._stop.wait(min(POLL_SECONDS * 5, self._next_attempt - now))
+            self._advance_handshake(now)
+            time.sleep(POLL_SECONDS)  # keep draining into the spool while the handshake runs
             return False
         self._send_ready()
         self._pump(POLL_SECONDS)
@@ -203,8 +200,10 @@ class Sender:
         if self.session.memory_bytes <= budget:
             return
         self.session.release_memory(budget)
-        while self.session.memory_bytes > budget and len(self.session.unacked) > 1:
+        while self.session.memory_bytes > budget:
             seq = self.session.drop_oldest()
+            if seq is None:
+                return
             self.drops.add("memory_bound")
             self._warn_once(
                 "memory", f"unacked batches exceed {budget} bytes with no spool; dropping the oldest (seq {seq})"
@@ -223,58 +222,65 @@ class Sender:
             self._send_bytes(data)
 
     # ------------------------------------------------------------------ connection
-    def _connect(self) -> None:
-        headers = {"Authorization": f"Bearer {self.opts.token}"} if self.opts.token else None
-        try:
-            ws = connect(
-                self.opts.ws_url,
-                additional_headers=headers,
-                compression=None,  # permessage-deflate costs 3-5x throughput on fast links
-                open_timeout=self.opts.connect_timeout,
-                close_timeout=2.0,
-                max_size=protocol.MAX_FRAME_BYTES,
-                **_CONNECT_KWARGS,
-            )
-        except (OSError, TimeoutError, InvalidHandshake) as exc:
-            detail = (
-                f"HTTP {exc.response.status_code}" if isinstance(exc, InvalidStatus) else str(exc) or type(exc).__name__
-            )
-            self._schedule_retry(f"cannot reach {self.opts.server}: {detail}")
+    def _advance_handshake(self, now: float) -> None:
+        """Start a connection attempt when one is due, and take its result when it is done."""
+        attempt = self._handshake
+        if attempt is None:
+            if now >= self._next_attempt:
+                self._handshake = Handshake(self.opts, self._hello())
             return
-        try:
-            hello = protocol.hello_frame(
+        if not attempt.done:
+            return
+        self._handshake = None
+        if attempt.ws is None or attempt.welcome is None:
+            why, fatal = attempt.failure()
+            self._schedule_retry(why, fatal=fatal)
+            return
+        self._on_connected(attempt.ws, attempt.welcome)
+
+    def _hello(self) -> bytes:
+        return protocol.encode(
+            protocol.hello_frame(
                 uid=self.identity.uid,
                 project=self.identity.project,
                 name=self.identity.name,
                 resume_from_seq=self.session.resume_from_seq,
                 agent_version=self.identity.agent_version,
                 host=socket.gethostname(),
-                pid=_pid(),
+                pid=os.getpid(),
                 rank=self.identity.rank,
                 world_size=self.identity.world_size,
                 config=self.identity.config,
                 replay=self.buffer is None,
             )
-            ws.send(protocol.encode(hello))
-            frame = protocol.decode_map(ws.recv(timeout=self.opts.connect_timeout))
-            if frame["t"] == protocol.ERROR:
-                raise RemoteError(str(frame.get("code")), str(frame.get("message")))
-            if frame["t"] != protocol.WELCOME:
-                raise RemoteError("bad_frame", f"expected welcome, got {frame['t']!r}")
-        except (OSError, TimeoutError, ConnectionClosed, protocol.ProtocolError, RemoteError) as exc:
-            ws.close()
-            fatal = isinstance(exc, RemoteError) and exc.code in _FATAL_CODES
-            self._schedule_retry(f"handshake with {self.opts.server} failed: {exc}", fatal=fatal)
-            return
+        )
+
+    def _on_connected(self, ws: ClientConnection, welcome: Welcome) -> None:
         self._ws = ws
         self._backoff.reset()
         self._warned.discard("connect")
-        for seq, pending in self.session.on_welcome(int(frame["acked_seq"])):
+        for seq, pending in self.session.on_welcome(welcome.acked_seq):
             self._spool_acked(seq, pending)
         if self._on_run_id is not None:
-            self._on_run_id(int(frame["run_id"]))
+            self._on_run_id(welcome.run_id)
         self.connected.set()
-        logger.info("trimtab: streaming run %s to %s", frame["run_id"], self.opts.server)
+        logger.info("trimtab: streaming run %s to %s", welcome.run_id, self.opts.server)
+
+    def _say_bye(self) -> None:
+        """Send bye and wait for the server to close the connection, which it does once the
+        run is marked finished. Only then is the finish clean."""
+        self._send_frame(protocol.bye_frame(self.drops.snapshot()))
+        wait_until = min(self._deadline, time.monotonic() + BYE_WAIT)
+        while self._ws is not None and time.monotonic() < wait_until:
+            try:
+                self._ws.recv(timeout=max(0.0, wait_until - time.monotonic()))
+            except TimeoutError:
+                break
+            except ConnectionClosed as closed:
+                self.finished_cleanly = closed.rcvd is not None and closed.rcvd.code == 1000
+                break
+            except OSError:
+                break
 
     def _schedule_retry(self, why: str, fatal: bool = False) -> None:
         delay = self.opts.max_backoff if fatal else self._backoff.next_delay()
@@ -354,6 +360,8 @@ class Sender:
             self.spool.acked(seq, pending.location)
 
     def _close(self) -> None:
+        if self._handshake is not None:
+            self._handshake.abandon()
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 self._ws.close()
@@ -381,7 +389,3 @@ def _split(series: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     first = dict(one, **{c: one[c][:cut] for c in columns})
     second = dict(one, **{c: one[c][cut:] for c in columns})
     return [[first], [second]]
-
-
-def _pid() -> int:
-    return os.getpid()

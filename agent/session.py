@@ -69,11 +69,11 @@ class Session:
         return released
 
     def drop_oldest(self) -> int | None:
-        """Forget the oldest unacked batch (only when no spool can hold it). Returns its seq."""
-        if not self.unacked:
-            return None
-        seq = next(iter(self.unacked))
-        self._forget(seq)
+        """Forget the oldest batch that only memory holds (no spool has it). Returns its seq,
+        or None when every batch in memory is also in the spool."""
+        seq = next((s for s, p in self.unacked.items() if p.location is None and p.data is not None), None)
+        if seq is not None:
+            self._forget(seq)
         return seq
 
     # -- connection lifecycle

@@ -90,11 +90,24 @@ class Spool:
             self._roll(seq)
         record = _HEADER.pack(seq, len(payload), zlib.crc32(payload)) + payload
         offset = self._writer_size
-        self._writer.write(record)
-        self._writer.flush()  # into the page cache: survives the process, not the machine
+        try:
+            self._writer.write(record)
+            self._writer.flush()  # into the page cache: survives the process, not the machine
+        except OSError:
+            self._discard_partial_write()
+            raise
         self._writer_size += len(record)
         self._live.setdefault(self._writer_segment, set()).add(seq)
         return Location(self._writer_segment, offset + _HEADER.size, len(payload))
+
+    def _discard_partial_write(self) -> None:
+        """After a failed write (disk full, say), cut the segment back to its last whole
+        record so later offsets stay right and replay does not stop at a torn record."""
+        writer, self._writer = self._writer, None  # the next append starts a fresh segment
+        with contextlib.suppress(OSError):
+            writer.close()
+        with contextlib.suppress(OSError):
+            os.truncate(self._segment_path(self._writer_segment), self._writer_size)
 
     def _roll(self, first_seq: int) -> None:
         previous = self._writer_segment if self._writer is not None else None

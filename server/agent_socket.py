@@ -24,6 +24,8 @@ from trimtab.server.context import ServerContext
 logger = logging.getLogger("trimtab.server")
 
 _CLOSE = object()
+# Frames up to this size are decoded on the event loop (well under a millisecond).
+DECODE_INLINE_BYTES = 64 * 1024
 
 
 class AgentConnection:
@@ -61,6 +63,11 @@ class AgentConnection:
             self._fail(exc)
         except WebSocketDisconnect:
             pass
+        except Exception:
+            logger.exception(
+                "agent %s (run %s): unexpected error; closing the connection", self.peer, self.run_id or "-"
+            )
+            self._fail(TrimtabError(ErrorCode.INTERNAL, "internal server error (logged on the server)"))
         finally:
             if self._pending:
                 await asyncio.wait(self._pending)  # let commits finish; acks may still go out
@@ -96,7 +103,7 @@ class AgentConnection:
             if data is None:
                 return
             try:
-                frame = protocol.decode_agent_frame(data, self.ctx.settings.max_frame_bytes)
+                frame = await self._decode(data)
             except ProtocolError as exc:
                 if exc.seq is None:
                     raise
@@ -117,6 +124,13 @@ class AgentConnection:
                 logger.info("agent %s (run %s): command %s %s", self.peer, self.run_id, frame.id, frame.status)
             elif isinstance(frame, Hello):
                 raise ProtocolError(ErrorCode.BAD_FRAME, "hello was already received on this connection")
+
+    async def _decode(self, data: bytes) -> protocol.AgentFrame:
+        limit = self.ctx.settings.max_frame_bytes
+        if len(data) <= DECODE_INLINE_BYTES:
+            return protocol.decode_agent_frame(data, limit)
+        # a large frame can take a few hundred ms to decode: keep the event loop free
+        return await run_in_threadpool(protocol.decode_agent_frame, data, limit)
 
     async def _submit(self, batch: Batch) -> None:
         await self._inflight.acquire()

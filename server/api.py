@@ -6,12 +6,12 @@ import json
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.protocol import float_to_json
+from trimtab.protocol import INT64_MAX, INT64_MIN, float_to_json
 from trimtab.server.context import ServerContext
 from trimtab.server.downsample import count_nonfinite, select_indices
 from trimtab.server.tokens import Principal
@@ -78,7 +78,7 @@ class ScalarsOut(BaseModel):
     run_id: int
     key: str
     steps: list[int]
-    wall_times: list[float]
+    wall_times: list[float | str]
     values: list[float | str]  # numbers, or "NaN" / "Infinity" / "-Infinity"
     total_points: int
     downsampled: bool
@@ -115,31 +115,36 @@ def _run_out(run: dict[str, Any]) -> RunOut:
 @router.get("/runs", response_model=list[RunOut], dependencies=[require("read")])
 async def list_runs(
     ctx: Ctx,
-    project: str | None = None,
+    project: Annotated[str | None, Query(max_length=128, pattern=NoNul)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
 ) -> list[RunOut]:
     rows = await run_in_threadpool(ctx.store.list_runs, project, limit, offset)
     return [_run_out(r) for r in rows]
 
 
+RunId = Annotated[int, Path(ge=1, le=INT64_MAX, description="the run's id (`GET /runs`)")]
+Step = Annotated[int | None, Query(ge=INT64_MIN, le=INT64_MAX)]
+NoNul = r"^[^\x00]*$"
+
+
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=[require("read")])
-async def get_run(ctx: Ctx, run_id: int) -> RunOut:
+async def get_run(ctx: Ctx, run_id: RunId) -> RunOut:
     return _run_out(await run_in_threadpool(ctx.store.get_run, run_id))
 
 
 @router.get("/runs/{run_id}/keys", response_model=list[KeyOut], dependencies=[require("read")])
-async def list_keys(ctx: Ctx, run_id: int) -> list[KeyOut]:
+async def list_keys(ctx: Ctx, run_id: RunId) -> list[KeyOut]:
     return [KeyOut(**k) for k in await run_in_threadpool(ctx.store.list_keys, run_id)]
 
 
 @router.get("/runs/{run_id}/scalars", response_model=ScalarsOut, dependencies=[require("read")])
 async def get_scalars(
     ctx: Ctx,
-    run_id: int,
-    key: Annotated[str, Query(min_length=1, max_length=256)],
-    since_step: Annotated[int | None, Query(description="only steps strictly after this one")] = None,
-    end_step: Annotated[int | None, Query(description="only steps up to and including this one")] = None,
+    run_id: RunId,
+    key: Annotated[str, Query(min_length=1, max_length=256, pattern=NoNul)],
+    since_step: Annotated[Step, Query(description="only steps strictly after this one")] = None,
+    end_step: Annotated[Step, Query(description="only steps up to and including this one")] = None,
     max_points: Annotated[int, Query(ge=2, le=MAX_MAX_POINTS)] = DEFAULT_MAX_POINTS,
 ) -> Response:
     body = await run_in_threadpool(_scalars_body, ctx, run_id, key, since_step, end_step, max_points)
@@ -164,7 +169,7 @@ def _scalars_body(
             "run_id": run_id,
             "key": key,
             "steps": steps,
-            "wall_times": walls,
+            "wall_times": [float_to_json(w) for w in walls],
             "values": [float_to_json(v) for v in values],
             "total_points": len(rows.steps),
             "downsampled": downsampled,

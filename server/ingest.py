@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sqlalchemy import Connection, case, insert, select, update
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, ProtocolError, pack_f64, pack_i64
+from trimtab.server.db_errors import is_data_error
 from trimtab.server.store import Store
 from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, runs
 
@@ -29,6 +31,8 @@ logger = logging.getLogger("trimtab.server")
 
 # A group commit closes at this many points (bounded latency and memory per transaction).
 GROUP_MAX_POINTS = 250_000
+# Metric key ids remembered by the writer (least recently used go first).
+KEY_CACHE_SIZE = 100_000
 
 STORED = "stored"
 DUPLICATE = "duplicate"
@@ -46,7 +50,7 @@ class IngestWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._keys: dict[tuple[int, str, str], int] = {}
+        self._keys: OrderedDict[tuple[int, str, str], int] = OrderedDict()  # LRU
         self._thread = threading.Thread(target=self._main, name="trimtab-ingest", daemon=True)
 
     def start(self) -> None:
@@ -84,13 +88,21 @@ class IngestWriter:
     def _write_group(self, group: list[Job]) -> None:
         try:
             results = self._commit(group)
-        except TrimtabError as exc:  # the database is unreachable: every agent resends later
-            self._keys.clear()  # ids inserted by the rolled-back transaction do not exist
-            for job in group:
-                job.future.set_exception(exc)
-            return
         except Exception as exc:
-            self._keys.clear()
+            self._keys.clear()  # ids inserted by the rolled-back transaction do not exist
+            if not is_data_error(exc):  # unreachable, locked, full, timed out: resend later
+                if not isinstance(exc, TrimtabError):
+                    logger.error("ingest: the database failed (%s: %s); agents will resend", type(exc).__name__, exc)
+                error = (
+                    exc
+                    if isinstance(exc, TrimtabError)
+                    else TrimtabError(
+                        ErrorCode.STORE_UNAVAILABLE, f"the database is unavailable ({type(exc).__name__}); resend later"
+                    )
+                )
+                for job in group:
+                    job.future.set_exception(error)
+                return
             if len(group) > 1:
                 # One batch the database refuses must not fail its neighbours: isolate it.
                 for job in group:
@@ -225,10 +237,14 @@ class IngestWriter:
     def _key_id(self, conn: Connection, run_id: int, kind: str, name: str) -> int:
         cache_key = (run_id, kind, name)
         key_id = self._keys.get(cache_key)
-        if key_id is None:
-            ident = {"run_id": run_id, "kind": kind, "name": name}
-            key_id, _ = self.store.get_or_create(conn, metric_keys, ident, {}, conflict=["run_id", "kind", "name"])
-            self._keys[cache_key] = key_id
+        if key_id is not None:
+            self._keys.move_to_end(cache_key)
+            return key_id
+        ident = {"run_id": run_id, "kind": kind, "name": name}
+        key_id, _ = self.store.get_or_create(conn, metric_keys, ident, {}, conflict=["run_id", "kind", "name"])
+        self._keys[cache_key] = key_id
+        if len(self._keys) > KEY_CACHE_SIZE:
+            self._keys.popitem(last=False)
         return key_id
 
 

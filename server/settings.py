@@ -6,6 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trimtab.protocol import MAX_FRAME_BYTES
@@ -27,9 +28,10 @@ class Settings(BaseSettings):
     # Upgrade the schema on start (always on for the embedded default database).
     auto_upgrade: bool = False
     stale_after_s: float = 60.0
-    max_frame_bytes: int = MAX_FRAME_BYTES
+    # Never below the protocol's limit: agents size their batches to MAX_FRAME_BYTES.
+    max_frame_bytes: int = Field(default=MAX_FRAME_BYTES, ge=MAX_FRAME_BYTES)
     # Batches a connection may have waiting for the writer before the server stops reading it.
-    max_inflight_batches: int = 128
+    max_inflight_batches: int = Field(default=32, ge=1)
     hello_timeout_s: float = 10.0
     # How long a verified token is remembered before the database is asked again.
     token_cache_s: float = 10.0

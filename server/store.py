@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, Table, and_, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Hello
@@ -65,7 +66,7 @@ class Store:
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, InterfaceError) as exc:  # unreachable, locked, out of space
+        except (OperationalError, InterfaceError, PoolTimeout) as exc:  # unreachable, locked, full, pool busy
             logger.error("database error: %s", exc)
             raise TrimtabError(
                 ErrorCode.STORE_UNAVAILABLE,

@@ -47,6 +47,8 @@ def parse_scopes(text: str) -> frozenset[str]:
 
 
 def create_token(store: Store, name: str, scopes: frozenset[str]) -> str:
+    if not 0 < len(name) <= 128 or "\x00" in name:
+        raise TrimtabError(ErrorCode.INVALID_REQUEST, "a token name must be 1-128 characters")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with store.transaction() as conn:
         conn.execute(
