@@ -57,7 +57,7 @@ class Options:
     def ws_url(self) -> str:
         from trimtab.protocol import WS_PATH
 
-        url = self.server.rstrip("/")
+        url = self.server.strip()
         for http, ws in (("https://", "wss://"), ("http://", "ws://")):
             if url.startswith(http):
                 url = ws + url[len(http) :]
@@ -65,7 +65,7 @@ class Options:
         else:
             if not url.startswith(("ws://", "wss://")):
                 url = "ws://" + url
-        return url + WS_PATH
+        return url.rstrip("/") + WS_PATH
 
 
 _ENV_RANK = ("RANK", "WORLD_SIZE")
@@ -106,7 +106,8 @@ def _check_server_url(ws_url: str, given: str) -> None:
         port = parts.port  # raises ValueError when out of range
     except ValueError as exc:
         raise ValueError(f"trimtab.init: server={given!r} is not a valid URL ({exc})") from None
-    if parts.scheme not in ("ws", "wss") or not parts.hostname or (port is not None and port == 0):
+    foreign_scheme = "://" in given and given.split("://", 1)[0].lower() not in ("http", "https", "ws", "wss")
+    if foreign_scheme or parts.scheme not in ("ws", "wss") or not parts.hostname or port == 0:
         raise ValueError(f"trimtab.init: server={given!r} is not a valid http(s):// or ws(s):// URL")
 
 

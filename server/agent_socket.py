@@ -146,10 +146,18 @@ class AgentConnection:
             self._out.put_nowait(protocol.ack_frame(seq))
             return
         if isinstance(exc, ProtocolError) and exc.seq is not None:
+            logger.warning("agent %s (run %s): batch %d rejected (%s)", self.peer, self.run_id, seq, exc.code.value)
             self._out.put_nowait(protocol.error_frame(exc.code, exc.message, seq=exc.seq))
             return
         error = exc if isinstance(exc, TrimtabError) else TrimtabError(ErrorCode.INTERNAL, "could not store the batch")
-        logger.warning("agent %s (run %s): batch %d not stored: %s", self.peer, self.run_id, seq, error.message)
+        logger.warning(
+            "agent %s (run %s): batch %d not stored (%s): %s",
+            self.peer,
+            self.run_id,
+            seq,
+            error.code.value,
+            error.message,
+        )
         self._fail(error)  # the agent reconnects later and resends everything unacked
 
     def _fail(self, exc: TrimtabError) -> None:

@@ -29,7 +29,7 @@ logger = logging.getLogger("trimtab.server")
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app. The database must already be at the head migration (see ``serve``)."""
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, lock_timeout_s=settings.lock_timeout_s)
     store = Store(engine, stale_after_s=settings.stale_after_s)
     ctx = ServerContext(
         settings=settings,

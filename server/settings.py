@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # Upgrade the schema on start (always on for the embedded default database).
     auto_upgrade: bool = False
     stale_after_s: float = 60.0
+    # How long a statement waits for a lock held elsewhere before failing (SQLite busy
+    # timeout, PostgreSQL lock_timeout); ingest then answers store_unavailable and agents resend.
+    lock_timeout_s: float = Field(default=30.0, gt=0)
     # Never below the protocol's limit: agents size their batches to MAX_FRAME_BYTES.
     max_frame_bytes: int = Field(default=MAX_FRAME_BYTES, ge=MAX_FRAME_BYTES)
     # Batches a connection may have waiting for the writer before the server stops reading it.

@@ -71,6 +71,7 @@ class ServerProcess:
         self.port = port or free_port()
         self.log_path = log_path
         self.extra_args = extra_args if extra_args is not None else ["--no-auth"]
+        self.env: dict[str, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +96,7 @@ class ServerProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env=subprocess_env(**self.env),
             cwd=ROOT,
         )
         log.close()

@@ -48,3 +48,9 @@ def test_server_url_becomes_websocket_url(server: str, ws: str) -> None:
 def test_spool_dir_default_and_off() -> None:
     assert Options().spool_path == default_spool_dir()
     assert Options(spool_dir="off").spool_path is None
+
+
+@pytest.mark.parametrize("server", ["http://localhost:99999", "http://[::1", "ftp://host", "http://"])
+def test_malformed_server_url_fails_at_init(server: str) -> None:
+    with pytest.raises(ValueError, match="not a valid"):
+        resolve({"server": server}, {})

@@ -176,3 +176,20 @@ def test_valid_histogram_round_trips() -> None:
     assert isinstance(frame, Batch)
     h = frame.histograms[0]
     assert (list(h.edges), list(h.counts), h.nan, h.pinf, h.ninf) == ([0.0, 0.5, 1.0], [3, 4], 1, 2, 3)
+
+
+def test_non_finite_wall_times_are_refused() -> None:
+    series = protocol.scalar_series("k", array("q", [1, 2]), array("d", [1.0, math.nan]), array("d", [1.0, 2.0]))
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(protocol.encode(protocol.batch_frame(4, [series])))
+    assert (info.value.code, info.value.seq) == (ErrorCode.INVALID_BATCH, 4)
+    event = {"kind": "x", "wall": math.inf}
+    with pytest.raises(ProtocolError):
+        protocol.decode_agent_frame(protocol.encode({"t": "batch", "seq": 1, "events": [event]}))
+
+
+def test_huge_finite_wall_times_are_still_accepted() -> None:
+    walls = array("d", [1.7e308, 1.7e308])  # their sum overflows; each is finite
+    series = protocol.scalar_series("k", array("q", [1, 2]), walls, array("d", [1.0, 2.0]))
+    frame = protocol.decode_agent_frame(protocol.encode(protocol.batch_frame(1, [series])))
+    assert isinstance(frame, Batch) and list(frame.scalars[0].walls) == list(walls)

@@ -21,7 +21,11 @@ from tests.helpers import free_port
 @pytest.fixture
 def offline_run(tmp_path: Path) -> Iterator[trimtab.Run]:
     run = trimtab.init(
-        server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"), replay_orphans=False
+        flush_interval=3600,  # records stay in the buffer where a test can look at them
+        server=f"http://127.0.0.1:{free_port()}",
+        project="t",
+        spool_dir=str(tmp_path / "spool"),
+        replay_orphans=False,
     )
     yield run
     run.finish(timeout=0.5)
@@ -39,6 +43,7 @@ def test_bad_input_never_raises_and_is_counted(offline_run: trimtab.Run) -> None
     torch = pytest.importorskip("torch")
     offline_run.log({"ok": 1.0, "text": "not a number", "none": None, "vec": torch.ones(3)}, step=1)
     offline_run.log({"loss": 1.0}, step="seven")  # type: ignore[arg-type]
+    offline_run.log({"loss": 1.0}, step=math.inf)  # type: ignore[arg-type]
     offline_run.log({"x" * 1000: 1.0}, step=2)
     offline_run.log({5: 1.0}, step=3)  # type: ignore[dict-item]
     offline_run.log(None)  # type: ignore[arg-type]
@@ -46,13 +51,25 @@ def test_bad_input_never_raises_and_is_counted(offline_run: trimtab.Run) -> None
     offline_run.log({"after": 1.0}, step=4)
     offline_run.finish(timeout=0.2)  # the sender validates keys off the training thread
     drops = offline_run.drops.snapshot()
-    assert drops == {"bad_value": 3, "bad_step": 2, "bad_key": 2, "bad_data": 1}
+    assert drops == {"bad_value": 3, "bad_step": 3, "bad_key": 2, "bad_data": 1}
 
 
-def test_accepts_ints_bools_numpy_like_and_tensors(offline_run: trimtab.Run) -> None:
+def test_accepts_ints_bools_numpy_scalars_and_tensors(offline_run: trimtab.Run) -> None:
     torch = pytest.importorskip("torch")
-    offline_run.log({"i": 3, "b": True, "t": torch.tensor(2.5), "t1": torch.tensor([1.5]), "nan": math.nan}, step=0)
-    assert offline_run.drops.total() == 0
+    np = pytest.importorskip("numpy")
+    values = {
+        "i": 3,
+        "b": True,
+        "t": torch.tensor(2.5),
+        "t1": torch.tensor([1.5]),
+        "nan": math.nan,
+        "f32": np.float32(0.25),
+        "i64": np.int64(7),
+    }
+    offline_run.log(values, step=0)
+    ((_, _, record),) = list(offline_run._buffer._records)
+    assert record == {"i": 3.0, "b": 1.0, "t": 2.5, "t1": 1.5, "nan": record["nan"], "f32": 0.25, "i64": 7.0}
+    assert math.isnan(record["nan"]) and offline_run.drops.total() == 0
 
 
 def test_steps_count_up_when_omitted(offline_run: trimtab.Run) -> None:

@@ -68,10 +68,12 @@ def test_socket_needs_a_valid_token_with_ingest_scope(
     assert _socket_error(auth_server, "tt_wrong") == ("unauthorized", 4401)
     assert _socket_error(auth_server, _token(migrated_db, "read")) == ("forbidden", 4403)
     ingest = _token(migrated_db, "ingest")
-    with trimtab.init(server=auth_server.url, token=ingest, spool_dir=str(tmp_path), replay_orphans=False) as run:
-        run.log({"loss": 0.5}, step=1)
-    assert run.finish() is False  # already finished by the with-block...
-    assert run.id is not None  # ...after the server accepted the token
+    run = trimtab.init(server=auth_server.url, token=ingest, spool_dir=str(tmp_path), replay_orphans=False)
+    run.log({"loss": 0.5}, step=1)
+    assert run.finish(timeout=30) is True
+    run_url = f"{auth_server.url}/api/v1/runs/{run.id}"
+    assert api_status(run_url, ingest)[0] == 403  # the ingest token writes but cannot read
+    assert api_status(run_url, _token(migrated_db, "read"))[1]["n_points"] == 1
 
 
 def test_rest_scopes(auth_server: ServerProcess, migrated_db: str) -> None:

@@ -84,6 +84,11 @@ CASES: dict[str, tuple[bool, bytes | str, str, int]] = {
     "wrong types in hello": (False, _hello(run={"uid": 1, "project": []}), "bad_frame", 1007),
     "second hello": (True, _hello(), "bad_frame", 1007),
     "malformed after hello": (True, b"\xc1", "bad_frame", 1007),
+    "rank beyond int32": (False, _hello(rank=2**40), "bad_frame", 1007),
+    "seq beyond int64": (True, msgpack.packb({"t": "batch", "seq": 2**64 - 1}), "bad_frame", 1007),
+    "NUL in the run uid": (False, _hello(run={"uid": "a\x00b", "project": "p"}), "bad_frame", 1007),
+    "replay not a boolean": (False, _hello(replay="false"), "bad_frame", 1007),
+    "non-finite config": (False, _hello(config={"lr": float("nan")}), "bad_frame", 1007),
     "frame over the size limit": (True, b"\x80" + b"\0" * (protocol.MAX_FRAME_BYTES + 10), "frame_too_large", 1009),
 }
 
@@ -134,6 +139,12 @@ def test_rest_errors_have_codes(server: ServerProcess) -> None:
     status, body = api_status(server.url + "/api/v1/runs?limit=0")
     assert (status, body["error"]["code"]) == (422, "invalid_request")
     assert "limit" in body["error"]["message"]
+    status, body = api_status(server.url + "/api/v1/runs/99999999999999999999")
+    assert (status, body["error"]["code"]) == (422, "invalid_request")
+    status, body = api_status(server.url + "/api/v1/runs?offset=9223372036854775808")
+    assert (status, body["error"]["code"]) == (422, "invalid_request")
+    status, body = api_status(server.url + "/api/v1/runs?project=a%00b")
+    assert (status, body["error"]["code"]) == (422, "invalid_request")
     status, body = api_status(server.url + "/api/v1/nope")
     assert (status, body["error"]["code"]) == (404, "not_found")
 
@@ -146,4 +157,8 @@ def test_scalars_for_unknown_key_and_bad_max_points(server: ServerProcess, tmp_p
     status, body = api_status(server.url + f"/api/v1/runs/{run.id}/scalars?key=loss&max_points=1")
     assert (status, body["error"]["code"]) == (422, "invalid_request")
     status, body = api_status(server.url + f"/api/v1/runs/{run.id}/scalars")
+    assert (status, body["error"]["code"]) == (422, "invalid_request")
+    status, body = api_status(server.url + f"/api/v1/runs/{run.id}/scalars?key=lo%00ss")
+    assert (status, body["error"]["code"]) == (422, "invalid_request")
+    status, body = api_status(server.url + f"/api/v1/runs/{run.id}/scalars?key=loss&since_step=99999999999999999999")
     assert (status, body["error"]["code"]) == (422, "invalid_request")
