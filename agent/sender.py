@@ -52,7 +52,8 @@ class Identity:
 
 
 class Backoff:
-    """Full-jitter exponential backoff (AWS architecture blog's recommendation)."""
+    """Exponential backoff with "equal jitter": a delay drawn from the upper half of the
+    doubling ceiling, so reconnecting agents spread out but never retry at once."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial, self.maximum, self.attempts = initial, maximum, 0
@@ -117,14 +118,6 @@ class Sender:
         self._thread.join(max(0.0, timeout))
         return self.finished_cleanly
 
-    def finish(self, timeout: float) -> bool:
-        now = time.monotonic()
-        self.request_stop(now + timeout, now + min(timeout, OFFLINE_FINISH_GRACE))
-        return self.join(timeout + BYE_WAIT + 1.0)
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
     # ------------------------------------------------------------------ thread
     def _main(self) -> None:
         while True:
@@ -175,7 +168,11 @@ class Sender:
         if self.buffer is None:
             return
         for series in self.buffer.drain(self.opts.max_batch_points):
-            self._add_batches(series)
+            try:
+                self._add_batches(series)
+            except Exception as exc:  # one batch that cannot be built must not take the rest
+                internal.report("building a batch", exc)
+                self.drops.add("internal_error", sum(len(s["steps"]) // 8 for s in series))
         self._bound_memory()
 
     def _add_batches(self, series: list[dict[str, Any]]) -> None:
