@@ -112,16 +112,21 @@ def _check_server_url(ws_url: str, given: str) -> None:
 
 
 def jsonable(value: Any, depth: int = 0) -> Any:
-    """``value`` made storable as JSON: containers kept, non-finite floats and unknown types as strings."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """``value`` made storable as JSON on every backend: containers kept; non-finite floats,
+    integers beyond int64 and unknown types as strings; NUL characters removed."""
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else str(value)
+    if isinstance(value, str):
+        return value.replace("\x00", "")
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth < 16 and isinstance(value, (list, tuple)):
         return [jsonable(v, depth + 1) for v in value]
     if depth < 16 and isinstance(value, dict):
-        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
-    return str(value)
+        return {str(k).replace("\x00", ""): jsonable(v, depth + 1) for k, v in value.items()}
+    return str(value).replace("\x00", "")
 
 
 def _parse(name: str, raw: str, f: dataclasses.Field[Any]) -> Any:

@@ -440,7 +440,14 @@ def _key(obj: dict[str, Any]) -> str:
 
 def _drops(obj: dict[str, Any]) -> dict[str, int]:
     drops = _opt(obj, "drops", dict) or {}
-    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in drops.items()):
+    if not all(
+        isinstance(k, str)
+        and "\x00" not in k
+        and isinstance(v, int)
+        and not isinstance(v, bool)
+        and 0 <= v <= INT64_MAX
+        for k, v in drops.items()
+    ):
         raise ProtocolError(ErrorCode.BAD_FRAME, "'drops' must map reason strings to integer counts")
     return drops
 

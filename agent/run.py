@@ -203,6 +203,7 @@ class Run:
         return {**dataclasses.asdict(self.identity), "server": self.options.server}
 
     def _checked_text(self, what: str, text: str, limit: int) -> str:
+        text = str(text).replace("\x00", "")
         if len(text) <= limit:
             return text
         logger.warning("trimtab: the run %s is longer than %d characters; truncated", what, limit)

@@ -143,7 +143,7 @@ class Sender:
         if stopping:
             if now >= self._deadline:
                 return True
-            nothing_to_lose = self.spool is not None or self.session.idle
+            nothing_to_lose = self._drained() or (self.spool is not None and self.session.all_spooled)
             if self._ws is None and now >= self._offline_deadline and nothing_to_lose:
                 return True
             if self._ws is not None and self._drained():

@@ -117,6 +117,11 @@ class Session:
         return self.on_ack(seq)
 
     @property
+    def all_spooled(self) -> bool:
+        """True when every unacked batch is in the disk spool (nothing lives in memory only)."""
+        return all(p.location is not None for p in self.unacked.values())
+
+    @property
     def in_flight(self) -> int:
         return len(self._in_flight)
 

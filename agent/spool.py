@@ -110,7 +110,7 @@ class Spool:
             os.truncate(self._segment_path(self._writer_segment), self._writer_size)
 
     def _roll(self, first_seq: int) -> None:
-        previous = self._writer_segment if self._writer is not None else None
+        previous = self._writer_segment or None  # 0 until the first segment (seqs start at 1)
         if self._writer is not None:
             self._writer.close()
         self._writer_segment = first_seq

@@ -79,6 +79,8 @@ def test_heartbeat_and_bye_carry_drop_counts() -> None:
         (protocol.encode({"t": "batch", "seq": "one"}), ErrorCode.BAD_FRAME),
         (protocol.encode({"t": "batch", "seq": 0}), ErrorCode.BAD_FRAME),
         (protocol.encode({"t": "heartbeat", "drops": {"x": "many"}}), ErrorCode.BAD_FRAME),
+        (protocol.encode({"t": "heartbeat", "drops": {"x": -1}}), ErrorCode.BAD_FRAME),
+        (protocol.encode({"t": "bye", "drops": {"a\x00": 1}}), ErrorCode.BAD_FRAME),
     ],
 )
 def test_bad_frames_get_a_code(data: bytes, code: ErrorCode) -> None:

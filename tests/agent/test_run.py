@@ -164,3 +164,19 @@ def test_accelerator_tensors_are_read_by_the_sender_not_in_log(tmp_path: Path) -
     finally:
         run.finish(timeout=0.5)
     assert run.drops.snapshot() == {"bad_value": 1}  # a meta tensor has no value to read, unlike a CUDA one
+
+
+def test_nul_and_huge_integers_in_config_and_names_are_made_storable(tmp_path: Path) -> None:
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}",
+        project="p\x00q",
+        name="a\x00b",
+        spool_dir=str(tmp_path),
+        replay_orphans=False,
+        config={"k\x00": "v\x00", "big": 2**70},
+    )
+    try:
+        assert (run.identity.project, run.identity.name) == ("pq", "ab")
+        assert run.identity.config == {"k": "v", "big": str(2**70)}
+    finally:
+        run.finish(timeout=0.2)

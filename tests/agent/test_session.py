@@ -103,3 +103,12 @@ def test_memory_release_never_forgets_an_unspooled_batch() -> None:
     assert session.release_memory(budget=0) == []
     assert session.unacked[seq].data == b"y" * 50
     assert session.drop_oldest() == seq and session.memory_bytes == 0
+
+
+def test_all_spooled_is_false_while_a_batch_lives_only_in_memory() -> None:
+    session = Session()
+    _fill(session, 2)
+    assert session.all_spooled
+    seq = session.assign()
+    session.add(seq, b"memory only", None)
+    assert not session.all_spooled
