@@ -26,7 +26,7 @@ class TinyGPT(nn.Module):
         layer = nn.TransformerEncoderLayer(
             d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True, norm_first=True
         )
-        self.blocks = nn.TransformerEncoder(layer, n_layers)
+        self.blocks = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, vocab)
         self.mask: torch.Tensor
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)

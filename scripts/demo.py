@@ -3,6 +3,7 @@ into it, print where to look, and serve until Ctrl-C."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -34,7 +35,12 @@ def wait_ready(url: str, server: subprocess.Popen[bytes], timeout: float = 60.0)
     sys.exit(f"the server did not become ready within {timeout:.0f}s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the demo like Ctrl-C: the server is shut down too
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     port = int(os.environ.get("TRIMTAB_PORT", "8000"))
     if not port_free(port):
         sys.exit(f"port {port} is in use; run with another, e.g. TRIMTAB_PORT=8100 make demo")
@@ -46,11 +52,14 @@ def main() -> int:
         print(f"\ntrimtab is up: API docs {url}/docs   runs {url}/api/v1/runs\n", flush=True)
         env = {**os.environ, "TRIMTAB_SERVER": url}
         subprocess.run([sys.executable, str(ROOT / "examples" / "train_demo.py")], env=env, cwd=ROOT, check=True)
+        with urllib.request.urlopen(url + "/api/v1/runs?project=demo&limit=1", timeout=10) as resp:
+            run_id = json.loads(resp.read())[0]["id"]
         print(
-            f"\nThe demo run is stored. Look at it:\n"
+            f"\nThe demo run is stored (a corrupted batch at step 500 makes the loss spike). Look at it:\n"
             f"  runs:          {url}/api/v1/runs\n"
-            f"  its keys:      {url}/api/v1/runs/<id>/keys\n"
-            f"  loss series:   {url}/api/v1/runs/<id>/scalars?key=loss&max_points=500\n"
+            f"  the run:       {url}/api/v1/runs/{run_id}\n"
+            f"  its keys:      {url}/api/v1/runs/{run_id}/keys\n"
+            f"  loss series:   {url}/api/v1/runs/{run_id}/scalars?key=loss&max_points=500\n"
             f"  API docs:      {url}/docs\n"
             f"Serving until Ctrl-C.",
             flush=True,
