@@ -48,6 +48,38 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+AGENT_SCRIPT = [sys.executable, str(ROOT / "tests" / "scripts" / "stream_steps.py")]
+
+
+def start_agent(server_url: str, spool: Path, name: str, *extra: str) -> subprocess.Popen[str]:
+    """``tests/scripts/stream_steps.py`` in a subprocess: a training loop streaming to ``server_url``."""
+    return subprocess.Popen(
+        [*AGENT_SCRIPT, "--server", server_url, "--spool", str(spool), "--name", name, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+
+
+def finish_agent(agent: subprocess.Popen[str], timeout: float = 120) -> str:
+    """Wait for an agent subprocess; it must have finished cleanly with nothing dropped."""
+    out, _ = agent.communicate(timeout=timeout)
+    assert agent.returncode == 0, f"agent exited {agent.returncode}:\n{out}"
+    assert "FINISH True" in out and "DROPS {}" in out, out
+    return out
+
+
+def wait_logged(agent: subprocess.Popen[str]) -> None:
+    """Wait for a --hang-after-logging agent to say everything it logged is in its spool."""
+    assert agent.stdout is not None
+    for line in agent.stdout:
+        if line.strip() == "LOGGED":
+            return
+    raise AssertionError(f"agent exited early with {agent.wait()}")
+
+
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``trimtab ARGS`` in a subprocess, output captured as text."""
     return subprocess.run(

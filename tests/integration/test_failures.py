@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,17 +18,16 @@ from sqlalchemy.engine import make_url
 
 import trimtab
 from tests.helpers import (
-    ROOT,
     ServerProcess,
     assert_exact_series,
+    finish_agent,
     run_by_name,
-    subprocess_env,
+    start_agent,
     value_for,
+    wait_logged,
     wait_until,
 )
 from trimtab.spool import Spool
-
-SCRIPT = [sys.executable, str(ROOT / "tests" / "scripts" / "stream_steps.py")]
 
 
 @contextlib.contextmanager
@@ -63,31 +60,19 @@ def test_database_hiccup_costs_no_batch(migrated_db: str, tmp_path: Path) -> Non
     server.env = {"TRIMTAB_LOCK_TIMEOUT_S": "0.5"}
     server.start()
     try:
-        agent = subprocess.Popen(
-            [
-                *SCRIPT,
-                "--server",
-                server.url,
-                "--spool",
-                str(tmp_path / "spool"),
-                "--name",
-                "hiccup",
-                "--pause-every",
-                "250",
-                "--pause",
-                "0.05",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
+        agent = start_agent(
+            server.url,
+            tmp_path / "spool",
+            "hiccup",
+            "--pause-every",
+            "250",
+            "--pause",
+            "0.05",
         )
         wait_until(lambda: any(r["n_points"] > 0 for r in server.get("/api/v1/runs")), 60, "the first points")
         with _database_hiccup(migrated_db, 2.0):
             pass
-        out, _ = agent.communicate(timeout=120)
-        assert agent.returncode == 0 and "FINISH True" in out and "DROPS {}" in out, out
+        finish_agent(agent)
         assert "store_unavailable" in server.log(), "the hiccup never reached the writer; the test proves nothing"
         run = run_by_name(server, "hiccup")
         for key in ("loss", "grad_norm"):
@@ -135,49 +120,26 @@ def test_partly_acknowledged_spool_of_a_killed_agent_is_stored_exactly_once(
     server: ServerProcess, tmp_path: Path
 ) -> None:
     spool = tmp_path / "spool"
-    agent = subprocess.Popen(
-        [
-            *SCRIPT,
-            "--server",
-            server.url,
-            "--spool",
-            str(spool),
-            "--name",
-            "partial",
-            "--hang-after-logging",
-            "--pause-every",
-            "500",
-            "--pause",
-            "0.1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
+    agent = start_agent(
+        server.url,
+        spool,
+        "partial",
+        "--hang-after-logging",
+        "--pause-every",
+        "500",
+        "--pause",
+        "0.1",
     )
     try:
         wait_until(lambda: any(r["n_points"] > 0 for r in server.get("/api/v1/runs")), 60, "the first points")
         server.kill()  # some batches acked, the rest now only in the spool
-        assert agent.stdout is not None
-        for line in agent.stdout:
-            if line.strip() == "LOGGED":
-                break
+        wait_logged(agent)
         agent.kill()
         agent.wait(10)
         server.start()
         stored_before = run_by_name(server, "partial")["n_points"]
         assert 0 < stored_before < 20_000
-        nxt = subprocess.run(
-            [*SCRIPT, "--server", server.url, "--spool", str(spool), "--name", "after", "--steps", "5"],
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=ROOT,
-            timeout=120,
-            check=False,
-        )
-        assert nxt.returncode == 0, nxt.stdout + nxt.stderr
+        finish_agent(start_agent(server.url, spool, "after", "--steps", "5"))
         wait_until(lambda: run_by_name(server, "partial")["n_points"] == 20_000, 60, "the replay")
         run = run_by_name(server, "partial")
         for key in ("loss", "grad_norm"):

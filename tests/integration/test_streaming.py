@@ -10,29 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import ROOT, ServerProcess, assert_exact_series, run_by_name, subprocess_env, wait_until
+from tests.helpers import (
+    ROOT,
+    ServerProcess,
+    assert_exact_series,
+    finish_agent,
+    run_by_name,
+    start_agent,
+    subprocess_env,
+    wait_logged,
+    wait_until,
+)
 
 STEPS = 10_000
-SCRIPT = [sys.executable, str(ROOT / "tests" / "scripts" / "stream_steps.py")]
-
-
-def _agent(server: ServerProcess, spool: Path, name: str, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*SCRIPT, "--server", server.url, "--spool", str(spool), "--name", name, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=subprocess_env(),
-        cwd=ROOT,
-    )
-
-
-def _finish(agent: subprocess.Popen[str], timeout: float = 120) -> str:
-    out, _ = agent.communicate(timeout=timeout)
-    assert agent.returncode == 0, f"agent exited {agent.returncode}:\n{out}"
-    assert "FINISH True" in out, out
-    assert "DROPS {}" in out, out
-    return out
 
 
 def _check_run(server: ServerProcess, name: str, steps: int = STEPS) -> None:
@@ -44,19 +34,19 @@ def _check_run(server: ServerProcess, name: str, steps: int = STEPS) -> None:
 
 
 def test_every_point_arrives_exactly_once_with_exact_values(server: ServerProcess, tmp_path: Path) -> None:
-    _finish(_agent(server, tmp_path / "spool", "plain"))
+    finish_agent(start_agent(server.url, tmp_path / "spool", "plain"))
     _check_run(server, "plain")
     assert not any((tmp_path / "spool").glob("*/seg-*")), "acked batches must leave the spool"
 
 
 def test_server_killed_mid_stream_loses_and_duplicates_nothing(server: ServerProcess, tmp_path: Path) -> None:
-    agent = _agent(server, tmp_path / "spool", "killed-server", "--pause-every", "200", "--pause", "0.05")
+    agent = start_agent(server.url, tmp_path / "spool", "killed-server", "--pause-every", "200", "--pause", "0.05")
     wait_until(lambda: any(r["n_points"] > 0 for r in server.get("/api/v1/runs")), 60, "the first points")
     server.kill()
     time.sleep(0.5)
     assert agent.poll() is None, "the training process must keep running while the server is down"
     server.start()
-    _finish(agent)
+    finish_agent(agent)
     _check_run(server, "killed-server")
 
 
@@ -65,12 +55,12 @@ def test_server_down_when_the_agent_starts(db_url: str, tmp_path: Path) -> None:
 
     migrate.upgrade(db_url)
     server = ServerProcess(db_url, tmp_path / "server.log")
-    agent = _agent(server, tmp_path / "spool", "late-server", "--pause-every", "1000", "--pause", "0.05")
+    agent = start_agent(server.url, tmp_path / "spool", "late-server", "--pause-every", "1000", "--pause", "0.05")
     try:
         time.sleep(1.5)
         assert agent.poll() is None
         server.start()
-        _finish(agent)
+        finish_agent(agent)
         _check_run(server, "late-server")
     finally:
         agent.kill()
@@ -83,19 +73,14 @@ def test_killed_agent_spool_is_replayed_by_the_next_process(db_url: str, tmp_pat
     migrate.upgrade(db_url)
     server = ServerProcess(db_url, tmp_path / "server.log")
     spool = tmp_path / "spool"
-    first = _agent(server, spool, "killed-agent", "--hang-after-logging")
+    first = start_agent(server.url, spool, "killed-agent", "--hang-after-logging")
     try:
-        assert first.stdout is not None
-        for line in first.stdout:  # log lines, then LOGGED once everything is in the spool
-            if line.strip() == "LOGGED":
-                break
-        else:
-            raise AssertionError(f"agent exited early with {first.wait()}")
+        wait_logged(first)
         first.kill()  # SIGKILL: no atexit, no finish
         first.wait(10)
         assert any(spool.glob("*/seg-*")), "the killed agent left no spool"
         server.start()
-        _finish(_agent(server, spool, "next-process", "--steps", "10"))
+        finish_agent(start_agent(server.url, spool, "next-process", "--steps", "10"))
         wait_until(lambda: run_by_name(server, "killed-agent")["n_points"] == 2 * STEPS, 60, "the replay")
         run = run_by_name(server, "killed-agent")
         for key in ("loss", "grad_norm"):
