@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="token", help="a label to recognise it by")
     create.add_argument("--db", default=None)
     create.add_argument("--data-dir", default=None)
+    listing = token_sub.add_parser("list", help="list tokens (never their secrets)")
+    revoke = token_sub.add_parser("revoke", help="revoke a token by id (effective within 10 s)")
+    revoke.add_argument("id", type=int)
+    for cmd in (listing, revoke):
+        cmd.add_argument("--db", default=None)
+        cmd.add_argument("--data-dir", default=None)
     return parser
 
 
@@ -87,12 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trimtab.server import migrate
         from trimtab.server.engine import make_engine
         from trimtab.server.store import Store
-        from trimtab.server.tokens import create_token, parse_scopes
+        from trimtab.server.tokens import create_token, list_tokens, parse_scopes, revoke_token
 
         engine = make_engine(settings.database_url)
         try:
             migrate.check_schema(engine, settings.database_url)
-            print(create_token(Store(engine), args.name, parse_scopes(args.scopes)))
+            store = Store(engine)
+            if args.token_command == "create":
+                print(create_token(store, args.name, parse_scopes(args.scopes)))
+            elif args.token_command == "revoke":
+                revoke_token(store, args.id)
+                print(f"trimtab: token {args.id} revoked")
+            else:
+                print(f"{'id':>4}  {'name':<20} {'prefix':<12} {'scopes':<28} state")
+                for t in list_tokens(store):
+                    state = "revoked" if t["revoked_at"] else "active"
+                    print(f"{t['id']:>4}  {t['name']:<20} {t['prefix']:<12} {t['scopes']:<28} {state}")
         except TrimtabError as exc:
             print(f"trimtab: {exc.message}", file=sys.stderr)
             return 2

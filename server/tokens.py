@@ -75,3 +75,31 @@ def verify_token(store: Store, token: str) -> Principal | None:
             return None
         conn.execute(update(api_tokens).where(api_tokens.c.id == row.id).values(last_used_at=time.time()))
     return Principal(row.name, frozenset(row.scopes.split(",")))
+
+
+def list_tokens(store: Store) -> list[dict[str, object]]:
+    with store.transaction() as conn:
+        rows = conn.execute(
+            select(
+                api_tokens.c.id,
+                api_tokens.c.name,
+                api_tokens.c.prefix,
+                api_tokens.c.scopes,
+                api_tokens.c.created_at,
+                api_tokens.c.last_used_at,
+                api_tokens.c.revoked_at,
+            ).order_by(api_tokens.c.id)
+        ).all()
+    return [dict(r._mapping) for r in rows]
+
+
+def revoke_token(store: Store, token_id: int) -> None:
+    """Refuse the token from now on (servers that cached it stop accepting it within their cache time)."""
+    with store.transaction() as conn:
+        changed = conn.execute(
+            update(api_tokens)
+            .where(api_tokens.c.id == token_id, api_tokens.c.revoked_at.is_(None))
+            .values(revoked_at=time.time())
+        ).rowcount
+    if changed != 1:
+        raise TrimtabError(ErrorCode.NOT_FOUND, f"no active token with id {token_id}")

@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import trimtab
-from tests.helpers import ServerProcess, api_status, free_port, recv_frame, run_cli
+from tests.helpers import ServerProcess, api_status, free_port, recv_frame, run_cli, wait_until
 from trimtab import protocol
 from trimtab.server.engine import make_engine
 from trimtab.server.tables import api_tokens
@@ -99,3 +99,17 @@ def test_no_auth_is_refused_on_a_public_bind(migrated_db: str) -> None:
 def test_unknown_scope_is_refused(migrated_db: str) -> None:
     result = run_cli("token", "create", "--scopes", "read,root", "--db", migrated_db, check=False)
     assert result.returncode == 2 and "scopes must be" in result.stderr
+
+
+def test_revoked_token_is_refused(auth_server: ServerProcess, migrated_db: str) -> None:
+    token = _token(migrated_db, "read")
+    url = auth_server.url + "/api/v1/runs"
+    assert api_status(url, token)[0] == 200
+    listing = run_cli("token", "list", "--db", migrated_db).stdout
+    assert token not in listing and token[:10] in listing and "active" in listing
+    token_id = listing.splitlines()[1].split()[0]
+    run_cli("token", "revoke", token_id, "--db", migrated_db)
+    assert "revoked" in run_cli("token", "list", "--db", migrated_db).stdout
+    wait_until(lambda: api_status(url, token)[0] == 401, 30, "the revocation to pass the token cache")
+    again = run_cli("token", "revoke", token_id, "--db", migrated_db, check=False)
+    assert again.returncode == 2 and "no active token" in again.stderr
