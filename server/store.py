@@ -179,8 +179,12 @@ class Store:
             out["status"] = "stale"  # heartbeats stopped; the run may still come back
         return out
 
+    @staticmethod
+    def _require_run(conn: Connection, run_id: int) -> None:
+        if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
+            raise TrimtabError(ErrorCode.RUN_NOT_FOUND, f"no run with id {run_id}")
+
     def list_keys(self, run_id: int) -> list[dict[str, Any]]:
-        self.get_run(run_id)
         run_keys = select(metric_keys.c.id).where(metric_keys.c.run_id == run_id, metric_keys.c.kind == "scalar")
         stats = (
             select(scalar_points.c.key_id, func.count().label("n"), func.max(scalar_points.c.step).label("last_step"))
@@ -195,14 +199,15 @@ class Store:
             .order_by(metric_keys.c.kind, metric_keys.c.name)
         )
         with self.transaction() as conn:
+            self._require_run(conn, run_id)
             return [
                 {"key": r.name, "kind": r.kind, "count": int(r.n or 0), "last_step": r.last_step}
                 for r in conn.execute(query)
             ]
 
     def scalar_rows(self, run_id: int, key: str, since_step: int | None, end_step: int | None) -> ScalarRows:
-        self.get_run(run_id)
         with self.transaction() as conn:
+            self._require_run(conn, run_id)
             key_id = conn.execute(
                 select(metric_keys.c.id).where(
                     metric_keys.c.run_id == run_id, metric_keys.c.kind == "scalar", metric_keys.c.name == key
