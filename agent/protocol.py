@@ -30,6 +30,7 @@ INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 256
 MAX_NAME_LENGTH = 256
 MAX_PROJECT_LENGTH = 128
+MAX_HISTOGRAM_BINS = 4096
 WS_PATH = "/ws/v1/agent"
 
 # Agent -> server
@@ -126,6 +127,36 @@ def scalar_series(key: str, steps: array[int], walls: array[float], values: arra
         "walls": pack_f64(walls),
         "values": pack_f64(values),
     }
+
+
+def histogram_entry(
+    key: str,
+    step: int,
+    wall: float,
+    edges: array[float],
+    counts: array[int],
+    nan: int = 0,
+    pinf: int = 0,
+    ninf: int = 0,
+) -> dict[str, Any]:
+    """One histogram: ``len(edges) == len(counts) + 1``, finite increasing edges; non-finite
+    values are counted apart (``nan``, ``pinf``, ``ninf``), never binned."""
+    return {
+        "k": key,
+        "step": step,
+        "wall": wall,
+        "edges": pack_f64(edges),
+        "counts": pack_i64(counts),
+        "nan": nan,
+        "pinf": pinf,
+        "ninf": ninf,
+    }
+
+
+def event_entry(
+    kind: str, step: int | None, wall: float, data: Mapping[str, Any], level: str = "info"
+) -> dict[str, Any]:
+    return {"kind": kind, "step": step, "wall": wall, "level": level, "data": dict(data)}
 
 
 def batch_frame(
@@ -374,15 +405,38 @@ def _histogram(obj: Any) -> Histogram:
             ErrorCode.INVALID_BATCH,
             f"histogram {key!r}: 'edges' and 'counts' must be packed arrays, len(edges) = len(counts) + 1",
         )
+    if len(raw_counts) > 8 * MAX_HISTOGRAM_BINS:
+        raise ProtocolError(
+            ErrorCode.INVALID_BATCH,
+            f"histogram {key!r}: {len(raw_counts) // 8} bins; at most {MAX_HISTOGRAM_BINS} are allowed",
+        )
+    edges, counts = unpack_array("d", raw_edges), unpack_array("q", raw_counts)
+    bad = next((i for i, x in enumerate(edges) if not math.isfinite(x)), None)
+    if bad is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_BATCH, f"histogram {key!r}: edges must be finite; edge {bad} is {edges[bad]}"
+        )
+    bad = next((i for i in range(1, len(edges)) if edges[i] < edges[i - 1]), None)
+    if bad is not None:
+        raise ProtocolError(
+            ErrorCode.INVALID_BATCH,
+            f"histogram {key!r}: edges must be non-decreasing; edge {bad} ({edges[bad]}) < edge {bad - 1}",
+        )
+    if counts and min(counts) < 0:
+        raise ProtocolError(ErrorCode.INVALID_BATCH, f"histogram {key!r}: bin counts must be >= 0, got {min(counts)}")
+    outside = {name: _opt_int(obj, name) or 0 for name in ("nan", "pinf", "ninf")}
+    for name, count in outside.items():
+        if count < 0:
+            raise ProtocolError(ErrorCode.INVALID_BATCH, f"histogram {key!r}: '{name}' must be >= 0, got {count}")
     return Histogram(
         key=key,
         step=_req_int(obj, "step"),
         wall=_req_float(obj, "wall"),
-        edges=unpack_array("d", raw_edges),
-        counts=unpack_array("q", raw_counts),
-        nan=_opt_int(obj, "nan", 0) or 0,
-        pinf=_opt_int(obj, "pinf", 0) or 0,
-        ninf=_opt_int(obj, "ninf", 0) or 0,
+        edges=edges,
+        counts=counts,
+        nan=outside["nan"],
+        pinf=outside["pinf"],
+        ninf=outside["ninf"],
     )
 
 

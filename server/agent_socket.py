@@ -113,12 +113,15 @@ class AgentConnection:
             if isinstance(frame, Batch):
                 await self._submit(frame)
             elif isinstance(frame, Heartbeat):
-                await run_in_threadpool(self.ctx.store.touch_run, self.run_id, frame.drops)
+                await run_in_threadpool(self.ctx.store.touch_run, self.run_id, self.rank, frame.drops)
             elif isinstance(frame, Bye):
                 if self._pending:
                     await asyncio.wait(self._pending)
-                await run_in_threadpool(self.ctx.store.finish_run, self.run_id, frame.drops)
-                logger.info("agent %s: run %s finished", self.peer, self.run_id)
+                await run_in_threadpool(self.ctx.store.finish_run, self.run_id, self.rank, frame.drops)
+                if self.rank == 0:
+                    logger.info("agent %s: run %s finished", self.peer, self.run_id)
+                else:  # the run goes on until rank 0 says bye
+                    logger.info("agent %s: run %s rank %d said bye", self.peer, self.run_id, self.rank)
                 return
             elif isinstance(frame, CmdResult):
                 logger.info("agent %s (run %s): command %s %s", self.peer, self.run_id, frame.id, frame.status)

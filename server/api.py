@@ -11,13 +11,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.protocol import INT64_MAX, INT64_MIN, float_to_json
+from trimtab.protocol import INT32_MAX, INT64_MAX, INT64_MIN, float_to_json
 from trimtab.server.context import ServerContext
 from trimtab.server.downsample import count_nonfinite, select_indices
 from trimtab.server.tokens import Principal
 
 DEFAULT_MAX_POINTS = 10_000
 MAX_MAX_POINTS = 2_000_000
+DEFAULT_ROWS = 1000  # histograms and events per response
+MAX_ROWS = 10_000
 
 
 def context(request: Request) -> ServerContext:
@@ -69,20 +71,50 @@ class RunOut(BaseModel):
 
 class KeyOut(BaseModel):
     key: str
-    kind: str
-    count: int
+    kind: str  # scalar | histogram
+    rank: int
+    count: int  # points (scalar) or histograms
     last_step: int | None
 
 
 class ScalarsOut(BaseModel):
     run_id: int
     key: str
+    rank: int
     steps: list[int]
     wall_times: list[float | str]
     values: list[float | str]  # numbers, or "NaN" / "Infinity" / "-Infinity"
     total_points: int
     downsampled: bool
     nonfinite: dict[str, int]
+
+
+class HistogramOut(BaseModel):
+    step: int
+    wall_time: float
+    edges: list[float]  # len(counts) + 1, finite, non-decreasing
+    counts: list[int]
+    nan: int  # values outside the bins: NaN, +Inf, -Inf
+    pinf: int
+    ninf: int
+
+
+class HistogramsOut(BaseModel):
+    run_id: int
+    key: str
+    rank: int
+    histograms: list[HistogramOut]
+    truncated: bool
+
+
+class EventOut(BaseModel):
+    id: int
+    rank: int
+    step: int | None
+    wall_time: float
+    kind: str
+    level: str
+    data: dict[str, Any]
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -126,6 +158,11 @@ async def list_runs(
 RunId = Annotated[int, Path(ge=1, le=INT64_MAX, description="the run's id (`GET /runs`)")]
 Step = Annotated[int | None, Query(ge=INT64_MIN, le=INT64_MAX)]
 NoNul = r"^[^\x00]*$"
+Key = Annotated[str, Query(min_length=1, max_length=256, pattern=NoNul)]
+Rank = Annotated[int, Query(ge=0, le=INT32_MAX, description="the process rank whose series to read")]
+SinceStep = Annotated[Step, Query(description="only steps strictly after this one")]
+EndStep = Annotated[Step, Query(description="only steps up to and including this one")]
+Limit = Annotated[int, Query(ge=1, le=MAX_ROWS)]
 
 
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=[require("read")])
@@ -134,28 +171,34 @@ async def get_run(ctx: Ctx, run_id: RunId) -> RunOut:
 
 
 @router.get("/runs/{run_id}/keys", response_model=list[KeyOut], dependencies=[require("read")])
-async def list_keys(ctx: Ctx, run_id: RunId) -> list[KeyOut]:
-    return [KeyOut(**k) for k in await run_in_threadpool(ctx.store.list_keys, run_id)]
+async def list_keys(
+    ctx: Ctx,
+    run_id: RunId,
+    rank: Annotated[int | None, Query(ge=0, le=INT32_MAX, description="only this rank's keys")] = None,
+) -> list[KeyOut]:
+    """Every scalar and histogram key of the run, per rank, with its row count and last step."""
+    return [KeyOut(**k) for k in await run_in_threadpool(ctx.store.list_keys, run_id, rank)]
 
 
 @router.get("/runs/{run_id}/scalars", response_model=ScalarsOut, dependencies=[require("read")])
 async def get_scalars(
     ctx: Ctx,
     run_id: RunId,
-    key: Annotated[str, Query(min_length=1, max_length=256, pattern=NoNul)],
-    since_step: Annotated[Step, Query(description="only steps strictly after this one")] = None,
-    end_step: Annotated[Step, Query(description="only steps up to and including this one")] = None,
+    key: Key,
+    since_step: SinceStep = None,
+    end_step: EndStep = None,
     max_points: Annotated[int, Query(ge=2, le=MAX_MAX_POINTS)] = DEFAULT_MAX_POINTS,
+    rank: Rank = 0,
 ) -> Response:
-    body = await run_in_threadpool(_scalars_body, ctx, run_id, key, since_step, end_step, max_points)
+    body = await run_in_threadpool(_scalars_body, ctx, run_id, key, since_step, end_step, max_points, rank)
     # Built by hand: JSON has no NaN, and validating a million floats through pydantic is slow.
     return Response(body, media_type="application/json")
 
 
 def _scalars_body(
-    ctx: ServerContext, run_id: int, key: str, since: int | None, end: int | None, max_points: int
+    ctx: ServerContext, run_id: int, key: str, since: int | None, end: int | None, max_points: int, rank: int
 ) -> bytes:
-    rows = ctx.store.scalar_rows(run_id, key, since, end)
+    rows = ctx.store.scalar_rows(run_id, key, since, end, rank)
     keep = select_indices(rows.steps, rows.values, max_points)
     downsampled = len(keep) < len(rows.steps)
     if downsampled:
@@ -164,17 +207,94 @@ def _scalars_body(
         values = [rows.values[i] for i in keep]
     else:
         steps, walls, values = rows.steps, rows.walls, rows.values
-    return json.dumps(
+    return _json(
         {
             "run_id": run_id,
             "key": key,
+            "rank": rank,
             "steps": steps,
             "wall_times": [float_to_json(w) for w in walls],
             "values": [float_to_json(v) for v in values],
             "total_points": len(rows.steps),
             "downsampled": downsampled,
             "nonfinite": count_nonfinite(rows.values),
-        },
-        allow_nan=False,
-        separators=(",", ":"),
-    ).encode()
+        }
+    )
+
+
+@router.get("/runs/{run_id}/histograms", response_model=HistogramsOut, dependencies=[require("read")])
+async def get_histograms(
+    ctx: Ctx,
+    run_id: RunId,
+    key: Key,
+    since_step: SinceStep = None,
+    end_step: EndStep = None,
+    rank: Rank = 0,
+    limit: Annotated[Limit, Query(description="at most this many; the newest when more match")] = DEFAULT_ROWS,
+) -> Response:
+    """One histogram key's histograms in the step range, ordered by step.
+
+    When more than `limit` match, the **newest** `limit` are returned and `truncated` is true:
+    a live view polling with `since_step` (the last step it has) always gets the latest
+    histograms, even after falling behind. To read further back, ask again with `end_step`
+    below the first step returned.
+    """
+    body = await run_in_threadpool(_histograms_body, ctx, run_id, key, rank, since_step, end_step, limit)
+    return Response(body, media_type="application/json")
+
+
+def _histograms_body(
+    ctx: ServerContext, run_id: int, key: str, rank: int, since: int | None, end: int | None, limit: int
+) -> bytes:
+    page = ctx.store.histogram_rows(run_id, key, rank, since, end, limit)
+    return _json(
+        {
+            "run_id": run_id,
+            "key": key,
+            "rank": rank,
+            "histograms": [
+                {
+                    "step": h.step,
+                    "wall_time": h.wall_time,
+                    "edges": [float_to_json(x) for x in h.edges],  # finite since ingest checks them
+                    "counts": h.counts,
+                    "nan": h.nan,
+                    "pinf": h.pinf,
+                    "ninf": h.ninf,
+                }
+                for h in page.rows
+            ],
+            "truncated": page.truncated,
+        }
+    )
+
+
+@router.get("/runs/{run_id}/events", response_model=list[EventOut], dependencies=[require("read")])
+async def list_events(
+    ctx: Ctx,
+    run_id: RunId,
+    kind: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NoNul)] = None,
+    level: Annotated[str | None, Query(min_length=1, max_length=16, pattern=NoNul)] = None,
+    rank: Annotated[int | None, Query(ge=0, le=INT32_MAX, description="only this rank's events")] = None,
+    since_step: Annotated[Step, Query(description="only events at steps strictly after this one")] = None,
+    after_id: Annotated[int | None, Query(ge=0, le=INT64_MAX, description="only events with a larger id")] = None,
+    limit: Annotated[Limit, Query(description="at most this many, the first after `after_id`")] = DEFAULT_ROWS,
+) -> Response:
+    """The run's events that match every filter given, ordered by id, at most `limit`.
+
+    To page through them or to poll for new ones, pass the last `id` received as `after_id`.
+    With `since_step`, events logged without a step are left out.
+    """
+
+    def body() -> bytes:
+        return _json(
+            ctx.store.event_rows(
+                run_id, kind=kind, level=level, rank=rank, since_step=since_step, after_id=after_id, limit=limit
+            )
+        )
+
+    return Response(await run_in_threadpool(body), media_type="application/json")
+
+
+def _json(body: Any) -> bytes:
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()

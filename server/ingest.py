@@ -50,7 +50,7 @@ class IngestWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
-        self._keys: OrderedDict[tuple[int, str, str], int] = OrderedDict()  # LRU
+        self._keys: OrderedDict[tuple[int, int, str, str], int] = OrderedDict()  # (run, rank, kind, name), LRU
         self._thread = threading.Thread(target=self._main, name="trimtab-ingest", daemon=True)
 
     def start(self) -> None:
@@ -158,14 +158,14 @@ class IngestWriter:
             for series in batch.scalars:
                 if not len(series):
                     continue
-                key_id = self._key_id(conn, job.run_id, "scalar", series.key)
+                key_id = self._key_id(conn, job.run_id, job.rank, "scalar", series.key)
                 scalar_parts.append(zip(repeat(key_id), series.steps, series.walls, series.values))
                 totals["n_points"] += len(series)
                 totals["last_step"] = _max(totals["last_step"], max(series.steps))
             for h in batch.histograms:
                 hist_rows.append(
                     {
-                        "key_id": self._key_id(conn, job.run_id, "histogram", h.key),
+                        "key_id": self._key_id(conn, job.run_id, job.rank, "histogram", h.key),
                         "step": h.step,
                         "wall_time": h.wall,
                         "edges": pack_f64(h.edges),
@@ -234,14 +234,15 @@ class IngestWriter:
             for row in rows:
                 copy.write_row(row)
 
-    def _key_id(self, conn: Connection, run_id: int, kind: str, name: str) -> int:
-        cache_key = (run_id, kind, name)
+    def _key_id(self, conn: Connection, run_id: int, rank: int, kind: str, name: str) -> int:
+        """The id of a rank's key: each rank of a run has its own series of every key."""
+        cache_key = (run_id, rank, kind, name)
         key_id = self._keys.get(cache_key)
         if key_id is not None:
             self._keys.move_to_end(cache_key)
             return key_id
-        ident = {"run_id": run_id, "kind": kind, "name": name}
-        key_id, _ = self.store.get_or_create(conn, metric_keys, ident, {}, conflict=["run_id", "kind", "name"])
+        ident = {"run_id": run_id, "kind": kind, "name": name, "rank": rank}
+        key_id, _ = self.store.get_or_create(conn, metric_keys, ident, {}, conflict=["run_id", "kind", "name", "rank"])
         self._keys[cache_key] = key_id
         if len(self._keys) > KEY_CACHE_SIZE:
             self._keys.popitem(last=False)

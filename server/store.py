@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, and_, func, select, update
+from sqlalchemy import Connection, Engine, Table, and_, case, func, select, union_all, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import Hello
+from trimtab.protocol import Hello, unpack_array
 from trimtab.server.engine import is_sqlite
-from trimtab.server.tables import ingested_seqs, metric_keys, projects, runs, scalar_points
+from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, projects, runs, scalar_points
 
 logger = logging.getLogger("trimtab.server")
 
@@ -55,6 +56,38 @@ class ScalarRows:
     values: list[float]
 
 
+@dataclass(frozen=True)
+class HistogramRow:
+    step: int
+    wall_time: float
+    edges: list[float]
+    counts: list[int]
+    nan: int
+    pinf: int
+    ninf: int
+
+
+@dataclass(frozen=True)
+class HistogramPage:
+    rows: list[HistogramRow]  # ordered by step
+    truncated: bool  # older rows in the requested range were left out
+
+
+# Drop counters of ranks other than 0 are stored in the run's ``drops`` as "rank<N>/<reason>".
+_OTHER_RANK_DROP = re.compile(r"rank\d+/")
+
+
+def merge_drops(current: dict[str, int], rank: int, drops: dict[str, int]) -> dict[str, int]:
+    """The run's drops with ``rank``'s own counts replaced by ``drops``: rank 0's under the bare
+    reason names (as for a single-process run), rank N's under "rank<N>/<reason>"."""
+    if rank == 0:
+        kept = {k: v for k, v in current.items() if _OTHER_RANK_DROP.match(k)}
+        return {**kept, **drops}
+    prefix = f"rank{rank}/"
+    kept = {k: v for k, v in current.items() if not k.startswith(prefix)}
+    return {**kept, **{prefix + k: v for k, v in drops.items()}}
+
+
 class Store:
     def __init__(self, engine: Engine, stale_after_s: float = 60.0) -> None:
         self.engine = engine
@@ -79,7 +112,12 @@ class Store:
 
     # ------------------------------------------------------------------ runs lifecycle
     def open_run(self, hello: Hello) -> tuple[int, int]:
-        """Find or create the run named by ``hello``. Returns (run id, acked seq)."""
+        """Find or create the run named by ``hello``. Returns (run id, acked seq).
+
+        Every rank of a multi-process run says hello with the same uid: the run's world size
+        becomes the largest any rank reported. Rank 0 owns the run's state: only its hello
+        (not a replay) marks the run running again and sets its host.
+        """
         now = time.time()
         with self.transaction() as conn:
             project_id, _ = self.get_or_create(
@@ -98,12 +136,17 @@ class Store:
                 "drops": {},
             }
             run_id, created = self.get_or_create(conn, runs, {"uid": hello.run.uid}, new_run, conflict=["uid"])
-            if not created:  # an existing run reconnecting
+            if not created:  # an existing run: an agent reconnecting, or another rank of it
                 owner = conn.execute(select(runs.c.project_id).where(runs.c.id == run_id)).scalar_one()
                 if owner != project_id:
                     raise TrimtabError(ErrorCode.RUN_CONFLICT, f"run {hello.run.uid} belongs to another project")
-                values: dict[str, Any] = {"last_seen_at": now}
-                if not hello.replay:
+                values: dict[str, Any] = {
+                    "last_seen_at": now,
+                    "world_size": case(
+                        (runs.c.world_size < hello.world_size, hello.world_size), else_=runs.c.world_size
+                    ),
+                }
+                if hello.rank == 0 and not hello.replay:
                     values.update(status="running", finished_at=None, host=hello.host[:256])
                 conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
             return run_id, self._acked_seq(conn, run_id, hello.rank, hello.resume_from_seq)
@@ -141,20 +184,31 @@ class Store:
             acked = seq
         return acked
 
-    def touch_run(self, run_id: int, drops: dict[str, int] | None = None) -> None:
-        values: dict[str, Any] = {"last_seen_at": time.time()}
-        if drops:
-            values["drops"] = drops
+    def touch_run(self, run_id: int, rank: int = 0, drops: dict[str, int] | None = None) -> None:
+        """A heartbeat: the run was seen; non-empty ``drops`` replace this rank's drop counts."""
         with self.transaction() as conn:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+            conn.execute(update(runs).where(runs.c.id == run_id).values(last_seen_at=time.time()))
+            if drops:
+                self._set_drops(conn, run_id, rank, drops)
 
-    def finish_run(self, run_id: int, drops: dict[str, int] | None = None) -> None:
+    def finish_run(self, run_id: int, rank: int = 0, drops: dict[str, int] | None = None) -> None:
+        """A bye. Rank 0's finishes the run; another rank's only reports its final drops, since
+        the other ranks of the job may still be running."""
         now = time.time()
-        values: dict[str, Any] = {"status": "finished", "finished_at": now, "last_seen_at": now}
-        if drops is not None:
-            values["drops"] = drops
+        values: dict[str, Any] = {"last_seen_at": now}
+        if rank == 0:
+            values.update(status="finished", finished_at=now)
         with self.transaction() as conn:
             conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
+            if drops is not None:
+                self._set_drops(conn, run_id, rank, drops)
+
+    @staticmethod
+    def _set_drops(conn: Connection, run_id: int, rank: int, drops: dict[str, int]) -> None:
+        # Read-modify-write, safe against another rank doing the same: the UPDATE before this in
+        # the transaction holds the run row's lock (PostgreSQL) or the write lock (SQLite).
+        current = conn.execute(select(runs.c.drops).where(runs.c.id == run_id)).scalar() or {}
+        conn.execute(update(runs).where(runs.c.id == run_id).values(drops=merge_drops(current, rank, drops)))
 
     # ------------------------------------------------------------------ queries
     def list_runs(self, project: str | None, limit: int, offset: int) -> list[dict[str, Any]]:
@@ -184,42 +238,55 @@ class Store:
         if conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is None:
             raise TrimtabError(ErrorCode.RUN_NOT_FOUND, f"no run with id {run_id}")
 
-    def list_keys(self, run_id: int) -> list[dict[str, Any]]:
-        run_keys = select(metric_keys.c.id).where(metric_keys.c.run_id == run_id, metric_keys.c.kind == "scalar")
-        stats = (
-            select(scalar_points.c.key_id, func.count().label("n"), func.max(scalar_points.c.step).label("last_step"))
-            .where(scalar_points.c.key_id.in_(run_keys))
-            .group_by(scalar_points.c.key_id)
-            .subquery()
-        )
+    def list_keys(self, run_id: int, rank: int | None = None) -> list[dict[str, Any]]:
+        """Every key of the run (of one rank, if given) with its number of rows and last step."""
+        run_keys = select(metric_keys.c.id).where(metric_keys.c.run_id == run_id)
+        if rank is not None:
+            run_keys = run_keys.where(metric_keys.c.rank == rank)
+
+        def stats(table: Table, kind: str) -> Any:
+            return (
+                select(table.c.key_id, func.count().label("n"), func.max(table.c.step).label("last_step"))
+                .where(table.c.key_id.in_(run_keys.where(metric_keys.c.kind == kind)))
+                .group_by(table.c.key_id)
+            )
+
+        per_key = union_all(stats(scalar_points, "scalar"), stats(histograms, "histogram")).subquery()
         query = (
-            select(metric_keys.c.name, metric_keys.c.kind, stats.c.n, stats.c.last_step)
-            .select_from(metric_keys.outerjoin(stats, stats.c.key_id == metric_keys.c.id))
-            .where(metric_keys.c.run_id == run_id)
-            .order_by(metric_keys.c.kind, metric_keys.c.name)
+            select(metric_keys.c.name, metric_keys.c.kind, metric_keys.c.rank, per_key.c.n, per_key.c.last_step)
+            .select_from(metric_keys.outerjoin(per_key, per_key.c.key_id == metric_keys.c.id))
+            .where(metric_keys.c.id.in_(run_keys))
+            .order_by(metric_keys.c.kind, metric_keys.c.name, metric_keys.c.rank)
         )
         with self.transaction() as conn:
             self._require_run(conn, run_id)
             return [
-                {"key": r.name, "kind": r.kind, "count": int(r.n or 0), "last_step": r.last_step}
+                {"key": r.name, "kind": r.kind, "rank": r.rank, "count": int(r.n or 0), "last_step": r.last_step}
                 for r in conn.execute(query)
             ]
 
-    def scalar_rows(self, run_id: int, key: str, since_step: int | None, end_step: int | None) -> ScalarRows:
+    @staticmethod
+    def _key_id(conn: Connection, run_id: int, kind: str, name: str, rank: int) -> int:
+        """The run must exist and have this key on this rank."""
+        Store._require_run(conn, run_id)
+        key_id = conn.execute(
+            select(metric_keys.c.id).where(
+                metric_keys.c.run_id == run_id,
+                metric_keys.c.kind == kind,
+                metric_keys.c.name == name,
+                metric_keys.c.rank == rank,
+            )
+        ).scalar()
+        if key_id is None:
+            raise TrimtabError(ErrorCode.KEY_NOT_FOUND, f"run {run_id} has no {kind} key {name!r} on rank {rank}")
+        return int(key_id)
+
+    def scalar_rows(
+        self, run_id: int, key: str, since_step: int | None, end_step: int | None, rank: int = 0
+    ) -> ScalarRows:
         with self.transaction() as conn:
-            self._require_run(conn, run_id)
-            key_id = conn.execute(
-                select(metric_keys.c.id).where(
-                    metric_keys.c.run_id == run_id, metric_keys.c.kind == "scalar", metric_keys.c.name == key
-                )
-            ).scalar()
-            if key_id is None:
-                raise TrimtabError(ErrorCode.KEY_NOT_FOUND, f"run {run_id} has no scalar key {key!r}")
-            cond = [scalar_points.c.key_id == key_id]
-            if since_step is not None:
-                cond.append(scalar_points.c.step > since_step)
-            if end_step is not None:
-                cond.append(scalar_points.c.step <= end_step)
+            key_id = self._key_id(conn, run_id, "scalar", key, rank)
+            cond = [scalar_points.c.key_id == key_id, *_step_range(scalar_points, since_step, end_step)]
             result = conn.execute(
                 select(scalar_points.c.step, scalar_points.c.wall_time, scalar_points.c.value)
                 .where(and_(*cond))
@@ -231,3 +298,75 @@ class Store:
         steps, walls, values = (list(col) for col in zip(*result, strict=False))
         # NULL is how SQLite stores NaN; read it back as NaN on every backend.
         return ScalarRows(steps, walls, [nan if v is None else v for v in values])
+
+    def histogram_rows(
+        self, run_id: int, key: str, rank: int, since_step: int | None, end_step: int | None, limit: int
+    ) -> HistogramPage:
+        """The newest ``limit`` histograms of the key in the step range, oldest first."""
+        h = histograms.c
+        with self.transaction() as conn:
+            key_id = self._key_id(conn, run_id, "histogram", key, rank)
+            cond = [h.key_id == key_id, *_step_range(histograms, since_step, end_step)]
+            result = conn.execute(
+                select(h.step, h.wall_time, h.edges, h.counts, h.nan_count, h.pinf_count, h.ninf_count)
+                .where(and_(*cond))
+                .order_by(h.step.desc(), h.wall_time.desc())
+                .limit(limit + 1)  # one more tells whether older rows were left out
+            ).all()
+        rows = [
+            HistogramRow(
+                step=r.step,
+                wall_time=r.wall_time,
+                edges=unpack_array("d", bytes(r.edges)).tolist(),
+                counts=unpack_array("q", bytes(r.counts)).tolist(),
+                nan=r.nan_count,
+                pinf=r.pinf_count,
+                ninf=r.ninf_count,
+            )
+            for r in reversed(result[:limit])
+        ]
+        return HistogramPage(rows, truncated=len(result) > limit)
+
+    def event_rows(
+        self,
+        run_id: int,
+        *,
+        kind: str | None = None,
+        level: str | None = None,
+        rank: int | None = None,
+        since_step: int | None = None,
+        after_id: int | None = None,
+        limit: int,
+    ) -> list[dict[str, Any]]:
+        """The run's first ``limit`` events after ``after_id`` that match the filters, by id."""
+        e = events.c
+        cond = [e.run_id == run_id]
+        if kind is not None:
+            cond.append(e.kind == kind)
+        if level is not None:
+            cond.append(e.level == level)
+        if rank is not None:
+            cond.append(e.rank == rank)
+        if since_step is not None:
+            cond.append(e.step > since_step)  # events without a step never match
+        if after_id is not None:
+            cond.append(e.id > after_id)
+        query = (
+            select(e.id, e.rank, e.step, e.wall_time, e.kind, e.level, e.data)
+            .where(and_(*cond))
+            .order_by(e.id)
+            .limit(limit)
+        )
+        with self.transaction() as conn:
+            self._require_run(conn, run_id)
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def _step_range(table: Table, since_step: int | None, end_step: int | None) -> list[Any]:
+    """Steps strictly after ``since_step`` and up to and including ``end_step``."""
+    cond = []
+    if since_step is not None:
+        cond.append(table.c.step > since_step)
+    if end_step is not None:
+        cond.append(table.c.step <= end_step)
+    return cond

@@ -71,7 +71,8 @@ metric_keys = Table(
     Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("name", String(256), nullable=False),
-    UniqueConstraint("run_id", "kind", "name"),
+    Column("rank", Integer, nullable=False, server_default="0"),  # each rank of a run has its own series
+    UniqueConstraint("run_id", "kind", "name", "rank"),
 )
 
 scalar_points = Table(

@@ -39,6 +39,7 @@ def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> No
         "trimtab/migrations/env.py",
         "trimtab/migrations/script.py.mako",
         "trimtab/migrations/versions/0001_initial_schema.py",
+        "trimtab/migrations/versions/0002_metric_key_rank.py",
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     assert not any(n.startswith(("agent/", "server/", "tests/")) for n in names)
@@ -62,4 +63,4 @@ def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> No
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "0001_initial_schema" in result.stdout
+    assert "0002_metric_key_rank" in result.stdout

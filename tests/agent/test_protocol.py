@@ -195,3 +195,52 @@ def test_huge_finite_wall_times_are_still_accepted() -> None:
     series = protocol.scalar_series("k", array("q", [1, 2]), walls, array("d", [1.0, 2.0]))
     frame = protocol.decode_agent_frame(protocol.encode(protocol.batch_frame(1, [series])))
     assert isinstance(frame, Batch) and list(frame.scalars[0].walls) == list(walls)
+
+
+def _histogram_frame(edges: list[float], counts: list[int], **extra: object) -> bytes:
+    entry = protocol.histogram_entry("w/fc1", 1, 1.0, array("d", edges), array("q", counts))
+    entry.update(extra)
+    return protocol.encode(protocol.batch_frame(9, [], [entry]))
+
+
+H = "histogram 'w/fc1': "
+
+
+@pytest.mark.parametrize(
+    ("edges", "counts", "extra", "why"),
+    [
+        ([0.0, math.nan, 1.0], [1, 1], {}, H + "edges must be finite; edge 1 is nan"),
+        ([-math.inf, 0.0], [1], {}, H + "edges must be finite; edge 0 is -inf"),
+        ([0.0, math.inf], [1], {}, H + "edges must be finite; edge 1 is inf"),
+        ([0.0, 2.0, 1.0], [1, 1], {}, H + "edges must be non-decreasing; edge 2 (1.0) < edge 1"),
+        ([1.0, -0.5], [1], {}, H + "edges must be non-decreasing"),
+        ([float(i) for i in range(4098)], [0] * 4097, {}, H + "4097 bins; at most 4096"),
+        ([0.0, 1.0, 2.0], [3, -1], {}, H + "bin counts must be >= 0, got -1"),
+        ([0.0, 1.0], [1], {"nan": -1}, H + "'nan' must be >= 0, got -1"),
+        ([0.0, 1.0], [1], {"pinf": -2}, H + "'pinf' must be >= 0"),
+        ([0.0, 1.0], [1], {"ninf": -(2**63)}, H + "'ninf' must be >= 0"),
+        ([0.0, 1.0], [1], {"nan": 1.5}, "'nan' must be an integer"),
+        ([0.0, 1.0], [1], {"pinf": 2**63}, "'pinf' must be between"),
+    ],
+)
+def test_histograms_with_bad_bins_or_counts_are_invalid_batches(
+    edges: list[float], counts: list[int], extra: dict[str, object], why: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_agent_frame(_histogram_frame(edges, counts, **extra))
+    assert (info.value.code, info.value.seq) == (ErrorCode.INVALID_BATCH, 9)
+    assert info.value.message.startswith("batch 9: ")
+    assert why in info.value.message
+
+
+def test_histograms_at_the_limits_are_accepted() -> None:
+    edges = [-1.7976931348623157e308, *[i / 4096 for i in range(4095)], 1.7976931348623157e308]
+    counts = [0] * 4095 + [2**63 - 1]  # exactly 4096 bins
+    frame = protocol.decode_agent_frame(_histogram_frame(edges, counts, nan=2**63 - 1, pinf=0, ninf=None))
+    assert isinstance(frame, Batch)
+    h = frame.histograms[0]
+    assert (list(h.edges), list(h.counts), h.nan, h.pinf, h.ninf) == (edges, counts, 2**63 - 1, 0, 0)
+    flat = protocol.decode_agent_frame(_histogram_frame([2.0, 2.0, 2.0], [0, 5]))  # equal edges: one value
+    assert isinstance(flat, Batch) and list(flat.histograms[0].edges) == [2.0, 2.0, 2.0]
+    empty = protocol.decode_agent_frame(_histogram_frame([0.0], []))
+    assert isinstance(empty, Batch) and list(empty.histograms[0].counts) == []

@@ -47,8 +47,8 @@ def test_keys_and_incremental_reads(server: ServerProcess, tmp_path: Path) -> No
             run.log({"loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
     keys = server.get(f"/api/v1/runs/{run.id}/keys")
     assert keys == [
-        {"key": "loss", "kind": "scalar", "count": 100, "last_step": 99},
-        {"key": "lr", "kind": "scalar", "count": 100, "last_step": 99},
+        {"key": "loss", "kind": "scalar", "rank": 0, "count": 100, "last_step": 99},
+        {"key": "lr", "kind": "scalar", "rank": 0, "count": 100, "last_step": 99},
     ]
     tail = server.get(f"/api/v1/runs/{run.id}/scalars?key=loss&since_step=94")
     assert tail["steps"] == [95, 96, 97, 98, 99]
@@ -82,4 +82,8 @@ def test_downsampled_series_keeps_spike_and_marks_nonfinite(server: ServerProces
 def test_openapi_docs_are_served(server: ServerProcess) -> None:
     status, spec = api_status(server.url + "/openapi.json")
     assert status == 200
-    assert "/api/v1/runs/{run_id}/scalars" in spec["paths"]
+    for path in ("scalars", "histograms", "events", "keys"):
+        assert f"/api/v1/runs/{{run_id}}/{path}" in spec["paths"]
+    histograms = spec["paths"]["/api/v1/runs/{run_id}/histograms"]["get"]
+    assert "newest" in histograms["description"]
+    assert {p["name"] for p in histograms["parameters"]} >= {"key", "since_step", "end_step", "rank", "limit"}

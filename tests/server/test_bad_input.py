@@ -131,6 +131,46 @@ def test_invalid_batch_is_rejected_alone_and_the_connection_goes_on(server: Serv
     assert run["n_points"] == 1
 
 
+def test_bad_histograms_are_rejected_alone_over_the_socket(
+    server: ServerProcess, good_agent: Callable[[], None]
+) -> None:
+    def entry(edges: list[float], counts: list[int], step: int = 1, **extra: int) -> dict[str, Any]:
+        return protocol.histogram_entry("w", step, 1.0, array("d", edges), array("q", counts), **extra)
+
+    bad = [
+        (entry([0.0, float("nan")], [1]), "edges must be finite"),
+        (entry([0.0, float("inf")], [1]), "edges must be finite"),
+        (entry([1.0, 0.0], [1]), "edges must be non-decreasing"),
+        (entry([float(i) for i in range(4098)], [0] * 4097), "at most 4096"),
+        (entry([0.0, 1.0], [-3]), "bin counts must be >= 0"),
+        (entry([0.0, 1.0], [1], nan=-1), "'nan' must be >= 0"),
+        (entry([0.0, 1.0], [1], pinf=-1), "'pinf' must be >= 0"),
+        (entry([0.0, 1.0], [1], ninf=-1), "'ninf' must be >= 0"),
+    ]
+    # a second connection in the middle of the abuse must not notice it
+    with _ws(server) as ws, _ws(server) as bystander:
+        ws.send(_hello(uid="bad-hist"))
+        welcome = recv_frame(ws)
+        bystander.send(_hello(uid="bystander"))
+        bystander_run = recv_frame(bystander)["run_id"]
+        for seq, (histogram, why) in enumerate(bad, start=1):
+            ws.send(protocol.encode(protocol.batch_frame(seq, [], [histogram])))
+            error = recv_frame(ws)
+            assert (error["t"], error["code"], error["seq"]) == ("error", "invalid_batch", seq)
+            assert why in error["message"] and "'w'" in error["message"], error["message"]
+            bystander.send(protocol.encode(protocol.batch_frame(seq, [], [entry([0.0, 1.0], [seq], step=seq)])))
+            assert recv_frame(bystander) == {"t": "ack", "seq": seq}
+        ws.send(protocol.encode(protocol.batch_frame(99, [], [entry([0.0, 0.5, 1.0], [2, 3], nan=1)])))
+        assert recv_frame(ws) == {"t": "ack", "seq": 99}  # the connection goes on
+    stored = server.get(f"/api/v1/runs/{welcome['run_id']}/histograms?key=w")["histograms"]
+    assert [(h["edges"], h["counts"], h["nan"]) for h in stored] == [([0.0, 0.5, 1.0], [2, 3], 1)]
+    assert server.get(f"/api/v1/runs/{welcome['run_id']}")["n_histograms"] == 1
+    others = server.get(f"/api/v1/runs/{bystander_run}/histograms?key=w")["histograms"]
+    assert [h["counts"] for h in others] == [[seq] for seq in range(1, len(bad) + 1)]
+    good_agent()
+    assert "rejected batch 8: batch 8: histogram 'w': 'ninf' must be >= 0" in server.log(), "every rejection is logged"
+
+
 def test_rest_errors_have_codes(server: ServerProcess) -> None:
     status, body = api_status(server.url + "/api/v1/runs/424242")
     assert (status, body["error"]["code"]) == (404, "run_not_found")

@@ -67,6 +67,23 @@ def test_ranks_have_their_own_seq_space(store: Store, writer: IngestWriter) -> N
     assert writer.submit(run_id, 1, _batch(1, 0, 5, key="loss_rank1")).result(30) == STORED
 
 
+def test_ranks_in_one_group_commit_get_their_own_keys(store: Store) -> None:
+    run_id, _ = store.open_run(_hello())
+    writer = IngestWriter(store)
+    futures = [writer.submit(run_id, rank, _batch(1, rank * 100, 3)) for rank in (0, 1, 0, 2)]
+    futures.append(writer.submit(run_id, 1, _batch(2, 500, 2)))
+    writer.start()  # all queued first, so they form one group commit and share the key cache
+    try:
+        assert [f.result(30) for f in futures] == [STORED, STORED, DUPLICATE, STORED, STORED]
+    finally:
+        writer.stop()
+    assert store.scalar_rows(run_id, "loss", None, None).steps == [0, 1, 2]
+    assert store.scalar_rows(run_id, "loss", None, None, rank=1).steps == [100, 101, 102, 500, 501]
+    assert store.scalar_rows(run_id, "loss", None, None, rank=2).steps == [200, 201, 202]
+    assert [(k["rank"], k["count"]) for k in store.list_keys(run_id)] == [(0, 3), (1, 5), (2, 3)]
+    assert [k["rank"] for k in store.list_keys(run_id, rank=2)] == [2]
+
+
 def test_welcome_acks_the_contiguous_stored_prefix(store: Store, writer: IngestWriter) -> None:
     run_id, _ = store.open_run(_hello())
     for seq in (1, 2, 3, 5):
@@ -84,14 +101,14 @@ def test_histograms_and_events_are_stored_and_counted(store: Store, writer: Inge
     assert writer.submit(run_id, 0, Batch(1, [], [hist], [event])).result(30) == STORED
     run = store.get_run(run_id)
     assert (run["n_histograms"], run["n_events"]) == (1, 1)
-    assert {k["key"] for k in store.list_keys(run_id)} == {"weights/w"}
+    assert store.list_keys(run_id) == [{"key": "weights/w", "kind": "histogram", "rank": 0, "count": 1, "last_step": 3}]
 
 
 def test_bye_marks_finished_and_heartbeat_stores_drops(store: Store) -> None:
     run_id, _ = store.open_run(_hello())
-    store.touch_run(run_id, {"queue_full": 2})
+    store.touch_run(run_id, 0, {"queue_full": 2})
     assert store.get_run(run_id)["drops"] == {"queue_full": 2}
-    store.finish_run(run_id, {})
+    store.finish_run(run_id, 0, {})
     assert store.get_run(run_id)["status"] == "finished"
 
 

@@ -3,8 +3,11 @@ a database that is behind."""
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from tests.helpers import free_port, run_cli
 from trimtab.server import migrate
@@ -43,3 +46,62 @@ def test_db_upgrade_command_then_current(db_url: str) -> None:
     assert "empty" in run_cli("db", "current", "--db", db_url).stdout
     run_cli("db", "upgrade", "--db", db_url)
     assert run_cli("db", "current", "--db", db_url).stdout.strip() == migrate.head_revision()
+
+
+def test_upgrade_from_0001_keeps_the_data_and_gives_keys_rank_0(db_url: str) -> None:
+    migrate.upgrade(db_url, "0001_initial_schema")
+    engine = make_engine(db_url)
+    try:
+        assert migrate.current_revision(engine) == "0001_initial_schema"
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'old', 1.0)"))
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, uid, project_id, name, status, created_at, last_seen_at, config, drops,"
+                    " n_points, last_step) VALUES (7, 'uid-7', 1, 'before', 'finished', 1.0, 2.0, '{\"lr\": 0.1}',"
+                    " '{}', 3, 12)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO metric_keys (id, run_id, kind, name) VALUES"
+                    " (3, 7, 'scalar', 'loss'), (4, 7, 'histogram', 'weights/w')"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO scalar_points (key_id, step, wall_time, value) VALUES"
+                    " (3, 10, 100.5, 2.5), (3, 11, 101.5, 0.125), (3, 12, 102.5, -1e300)"
+                )
+            )
+            conn.execute(
+                text("INSERT INTO ingested_seqs (run_id, rank, seq, ingested_at) VALUES (7, 0, 1, 1.0), (7, 0, 2, 1.0)")
+            )
+
+        migrate.upgrade(db_url)
+
+        assert migrate.current_revision(engine) == migrate.head_revision()
+        with engine.begin() as conn:
+            keys = conn.execute(text("SELECT id, run_id, kind, name, rank FROM metric_keys ORDER BY id")).all()
+            assert [tuple(k) for k in keys] == [(3, 7, "scalar", "loss", 0), (4, 7, "histogram", "weights/w", 0)]
+            points = conn.execute(text("SELECT key_id, step, wall_time, value FROM scalar_points ORDER BY step")).all()
+            assert [tuple(p) for p in points] == [(3, 10, 100.5, 2.5), (3, 11, 101.5, 0.125), (3, 12, 102.5, -1e300)]
+            run = conn.execute(text("SELECT uid, name, status, n_points, last_step FROM runs WHERE id = 7")).one()
+            assert tuple(run) == ("uid-7", "before", "finished", 3, 12)
+            assert conn.execute(text("SELECT count(*) FROM ingested_seqs")).scalar_one() == 2
+            # the new unique constraint: the same name for another rank is fine, twice for one rank is not
+            conn.execute(
+                text("INSERT INTO metric_keys (id, run_id, kind, name, rank) VALUES (5, 7, 'scalar', 'loss', 1)")
+            )
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO metric_keys (id, run_id, kind, name, rank) VALUES (6, 7, 'scalar', 'loss', 1)")
+            )
+        with engine.begin() as conn:  # a key inserted without a rank is rank 0's (server default)
+            conn.execute(text("INSERT INTO metric_keys (id, run_id, kind, name) VALUES (6, 7, 'scalar', 'lr')"))
+            assert conn.execute(text("SELECT rank FROM metric_keys WHERE name = 'lr'")).scalar_one() == 0
+            # the foreign key to runs survived SQLite's table rebuild
+            conn.execute(text("DELETE FROM runs WHERE id = 7"))
+            assert conn.execute(text("SELECT count(*) FROM metric_keys")).scalar_one() == 0
+    finally:
+        engine.dispose()
