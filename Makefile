@@ -33,7 +33,7 @@ lint: $(STAMP)
 # through a tree of symlinks.
 typecheck: $(STAMP)
 	rm -rf build/typecheck && mkdir -p build/typecheck/trimtab
-	for f in agent/*.py agent/py.typed; do ln -s ../../../$$f build/typecheck/trimtab/; done
+	for f in agent/*; do ln -s ../../../$$f build/typecheck/trimtab/; done
 	for d in server dashboard migrations; do ln -s ../../../$$d build/typecheck/trimtab/$$d; done
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p trimtab
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy tests benchmarks scripts examples

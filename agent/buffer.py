@@ -3,6 +3,8 @@
 ``log`` appends one tuple to a deque (atomic under the GIL, no lock, no allocation beyond
 the tuple and a dict copy); the sender drains the deque and turns records into columnar
 series, validating keys and converting deferred device tensors off the training thread.
+Histograms wait in a second, bounded deque; events in a third that is never full, because
+events (NaN provenance, commands) are never dropped.
 """
 
 from __future__ import annotations
@@ -10,11 +12,26 @@ from __future__ import annotations
 import threading
 from array import array
 from collections import Counter, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from trimtab.protocol import MAX_KEY_LENGTH, scalar_series
 
 Record = tuple[int, float, dict[str, Any]]
+Entry = dict[str, Any]  # a histogram or an event, as the protocol encodes it
+
+
+@dataclass
+class Chunk:
+    """What one batch frame carries (before the sender splits an oversized one)."""
+
+    scalars: list[dict[str, Any]] = field(default_factory=list)
+    histograms: list[Entry] = field(default_factory=list)
+    events: list[Entry] = field(default_factory=list)
+
+    @property
+    def n_points(self) -> int:
+        return sum(len(s["steps"]) // 8 for s in self.scalars)
 
 
 class Drops:
@@ -38,9 +55,12 @@ class Drops:
 
 
 class Buffer:
-    def __init__(self, max_records: int, drops: Drops) -> None:
+    def __init__(self, max_records: int, drops: Drops, max_histograms: int = 20_000) -> None:
         self._records: deque[Record] = deque()
+        self._histograms: deque[Entry] = deque()
+        self._events: deque[Entry] = deque()
         self._max_records = max_records
+        self._max_histograms = max_histograms
         self._drops = drops
         self._valid_keys: set[str] = set()
 
@@ -51,11 +71,44 @@ class Buffer:
         self._records.append(record)
         return True
 
-    def __len__(self) -> int:
-        return len(self._records)
+    def put_histogram(self, entry: Entry) -> bool:
+        """Training thread; never blocks. False when full (the caller counts)."""
+        if len(self._histograms) >= self._max_histograms:
+            return False
+        self._histograms.append(entry)
+        return True
 
-    def drain(self, max_points: int) -> list[list[dict[str, Any]]]:
-        """Everything logged so far as lists of series, each list at most ``max_points`` points."""
+    def put_event(self, entry: Entry) -> None:
+        """Training thread; never blocks and never drops."""
+        self._events.append(entry)
+
+    def __len__(self) -> int:
+        return len(self._records) + len(self._histograms) + len(self._events)
+
+    def drain(self, max_points: int, max_entries: int = 256) -> list[Chunk]:
+        """Everything queued so far as chunks: scalars at most ``max_points`` points per chunk,
+        then histograms and events at most ``max_entries`` per chunk."""
+        chunks = [Chunk(scalars=series) for series in self._drain_scalars(max_points)]
+        for queue, name in ((self._histograms, "histograms"), (self._events, "events")):
+            while queue:
+                entries = [queue.popleft() for _ in range(min(len(queue), max_entries))]
+                entries = [e for e in entries if self._entry_ok(e)]
+                if not entries:
+                    continue
+                if chunks and not getattr(chunks[-1], name) and chunks[-1].n_points < max_points:
+                    setattr(chunks[-1], name, entries)
+                else:
+                    chunks.append(Chunk(**{name: entries}))
+        return chunks
+
+    def _entry_ok(self, entry: Entry) -> bool:
+        key = entry.get("k")
+        if key is None or self._key_ok(key):
+            return True
+        self._drops.add("bad_key")
+        return False
+
+    def _drain_scalars(self, max_points: int) -> list[list[dict[str, Any]]]:
         batches: list[list[dict[str, Any]]] = []
         cols: dict[str, tuple[array[int], array[float], array[float]]] = {}
         n = 0

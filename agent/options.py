@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ class Options:
     replay_orphans: bool = True
     rank: int = 0
     world_size: int = 1
+    # The run's unique id. Processes that give the same one are ranks of one run. Left
+    # unset, ranks of a torch.distributed job agree on one through its store (see Run).
+    run_uid: str | None = None
+    # How long a rank > 0 waits at init for rank 0 to publish the run's uid.
+    rank_sync_timeout: float = 60.0
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,7 +82,7 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
 
     Unknown keyword arguments raise TypeError at ``init`` (a typo is a programming error, and
     ``init`` runs before training starts). Rank and world size also come from torchrun's
-    ``RANK`` and ``WORLD_SIZE`` when not given.
+    ``RANK`` and ``WORLD_SIZE`` when not given, or else from an initialised torch.distributed.
     """
     env = os.environ if environ is None else environ
     known = {f.name: f for f in fields(Options)}
@@ -94,9 +100,22 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
         if raw is None or name == "config":
             continue
         values[name] = _parse(name, raw, f)
+    if "rank" not in values and "world_size" not in values:
+        values.update(_distributed_rank())
     opts = Options(**values)
     _check_server_url(opts.ws_url, opts.server)
     return opts
+
+
+def _distributed_rank() -> dict[str, int]:
+    """Rank and world size of an initialised torch.distributed job (torch is not imported here)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return {"rank": int(dist.get_rank()), "world_size": int(dist.get_world_size())}
+    except Exception:  # a half-torn-down process group: fall back to the defaults
+        pass
+    return {}
 
 
 def _check_server_url(ws_url: str, given: str) -> None:

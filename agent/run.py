@@ -6,6 +6,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -13,16 +14,19 @@ import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
 from trimtab.buffer import Buffer, Drops
 from trimtab.options import Options, jsonable
-from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH
+from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH, event_entry, histogram_entry
 from trimtab.sender import BYE_WAIT, OFFLINE_FINISH_GRACE, Identity, Sender
 from trimtab.session import Session
 from trimtab.spool import Spool, SpoolLocked, orphaned_runs
 from trimtab.version import __version__
+
+if TYPE_CHECKING:
+    from trimtab.watch import Watcher
 
 logger = logging.getLogger("trimtab")
 
@@ -38,10 +42,12 @@ class Run:
 
     def __init__(self, opts: Options) -> None:
         self.options = opts
-        self.uid = uuid.uuid4().hex
+        self.uid = _run_uid(opts)
         self._pid = os.getpid()
         self._closed = False
         self._next_step = 0
+        self._train_step: int | None = None  # the last step given to run.step
+        self._watcher: Watcher | None = None
         self._id: int | None = None
         self._id_known = threading.Event()
         self.drops = Drops()
@@ -87,7 +93,8 @@ class Run:
         return self._id
 
     def log(self, data: Mapping[str, Any], step: int | None = None) -> None:
-        """Queue scalars for ``step`` (the previous step + 1 when omitted). Never blocks or raises.
+        """Queue scalars for ``step``. Never blocks or raises. Without ``step``: the step of the last
+        :meth:`step` call, or before any, the previous ``log`` step + 1.
 
         Values may be floats, ints, bools, numpy scalars or 0-d torch tensors. A tensor on an
         accelerator is read by the sender thread, so ``log`` itself never synchronises.
@@ -96,7 +103,7 @@ class Run:
             if self._closed:  # also set in a forked child, by the register_at_fork hook below
                 return
             if step is None:
-                step = self._next_step
+                step = self._next_step if self._train_step is None else self._train_step
             elif type(step) is not int:
                 if not _is_integral(step):
                     self.drops.add("bad_step", len(data))
@@ -124,6 +131,87 @@ class Run:
                 return
             internal.report("Run.log", exc)
 
+    def watch(
+        self,
+        model: Any,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        **cadence: Any,
+    ) -> None:
+        """Measure ``model`` on every :meth:`step`: gradient norms, learning rates, loss scale,
+        timing, and every ``sample_every`` steps (100) weight norms, update ratios, weight,
+        gradient and activation histograms. See ``trimtab.watch.WatchOptions`` for the
+        keyword arguments. Problems with the model are logged once; training goes on.
+        """
+        from trimtab.watch import Watcher, WatchOptions
+
+        opts = WatchOptions(**cadence)  # a typo in an option is a TypeError, like init's
+        opts.check()
+        try:
+            import torch
+
+            if self._closed:
+                return
+            if self._watcher is not None:
+                self._warn_once("watch-twice", "run.watch: this run already watches a model; the new call is ignored")
+                return
+            if not isinstance(model, torch.nn.Module):
+                self._warn_once("watch-type", f"run.watch needs a torch.nn.Module, got {type(model).__name__}")
+                return
+            inner = getattr(model, "module", None)
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel) and isinstance(inner, torch.nn.Module):
+                model = inner  # names without "module.", and a replay that runs no collective
+            if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+                self._warn_once("watch-opt", f"run.watch: {type(optimizer).__name__} is not a torch Optimizer; ignored")
+                optimizer = None
+            next_step = 0 if self._train_step is None else self._train_step + 1
+            self._watcher = Watcher(self._sink, model, optimizer, scheduler, scaler, opts, next_step)
+        except Exception as exc:
+            internal.report("Run.watch", exc)
+
+    def unwatch(self) -> None:
+        """Stop measuring the watched model: hooks are removed, pending statistics are sent."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            try:
+                watcher.close()
+            except Exception as exc:
+                internal.report("Run.unwatch", exc)
+
+    def step(
+        self, loss: Any = None, *, step: int | None = None, batch_size: int | None = None, tokens: int | None = None
+    ) -> None:
+        """Record one optimizer step: call it after ``backward()`` (and after ``scaler.unscale_``
+        if you clip), before ``optimizer.step()`` and ``zero_grad()``. ``loss`` may be a tensor
+        on any device; it is never synchronised. Never blocks or raises.
+
+        ``step`` defaults to the previous step + 1 (0 first); ``batch_size`` and ``tokens`` (per
+        optimizer step) give throughput. After ``step``, ``log`` without a step logs at it.
+        """
+        try:
+            if self._closed:
+                return
+            if step is None:
+                step = 0 if self._train_step is None else self._train_step + 1
+            elif not _is_integral(step):
+                self._warn_once("step", f"step must be an int, got {type(step).__name__}; step ignored")
+                return
+            step = int(step)
+            self._train_step = step
+            if self._watcher is None:
+                self._warn_once("no-watch", "run.step without run.watch(model, optimizer): only the loss is logged")
+                if loss is not None:
+                    self.log({"loss": loss}, step=step)
+                return
+            self._watcher.step(loss, step, batch_size, tokens)
+        except Exception as exc:
+            internal.report("Run.step", exc)
+
+    @property
+    def rank(self) -> int:
+        return self.identity.rank
+
     def finish(self, timeout: float | None = None) -> bool:
         """Flush everything and end the run. True when the server acknowledged every batch and
         confirmed the run finished.
@@ -134,6 +222,7 @@ class Run:
         """
         if self._closed or os.getpid() != self._pid:
             return False
+        self.unwatch()  # statistics still being copied from the device go out with the rest
         self._closed = True
         timeout = self.options.finish_timeout if timeout is None else timeout
         try:
@@ -170,6 +259,15 @@ class Run:
         self.finish()
 
     # ------------------------------------------------------------------ internals
+    @property
+    def _sink(self) -> _Sink:
+        return _Sink(self)
+
+    def _put_scalars(self, step: int, wall: float, record: dict[str, Any]) -> None:
+        if not self._buffer.put((step, wall, record)):
+            self.drops.add("queue_full", len(record))
+            self._warn_once("queue", "log queue is full (the sender cannot keep up); points dropped and counted")
+
     def _sanitize(self, data: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in data.items():
@@ -253,6 +351,80 @@ class Run:
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning("trimtab: %s", message)
+
+
+class _Sink:
+    """What the watcher writes through: records go straight to the buffer, histograms to a
+    bounded queue, events to one that never drops."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self.rank = run.identity.rank
+
+    def emit_scalars(self, step: int, wall: float, record: dict[str, float]) -> None:
+        if record and not self._run._closed:
+            self._run._put_scalars(step, wall, record)
+
+    def emit_histogram(self, key: str, step: int, wall: float, counts: list[int], lo: float, width: float) -> None:
+        from array import array
+
+        from trimtab.histogram import to_host
+
+        run = self._run
+        if run._closed:
+            return
+        bins = len(counts) - 3
+        h = to_host(counts, lo, width, bins)
+        entry = histogram_entry(key, step, wall, array("d", h.edges), array("q", h.counts), h.nan, h.pinf, h.ninf)
+        if not run._buffer.put_histogram(entry):
+            run.drops.add("histogram_queue_full")
+            run._warn_once("hqueue", "histogram queue is full (the sender cannot keep up); histograms dropped")
+
+    def emit_event(self, kind: str, step: int | None, data: dict[str, Any], level: str = "info") -> None:
+        if not self._run._closed:
+            self._run._buffer.put_event(event_entry(kind, step, time.time(), jsonable(data), level))
+
+    def warn_once(self, topic: str, message: str) -> None:
+        self._run._warn_once(topic, message)
+
+
+_dist_inits = 0
+
+
+def _run_uid(opts: Options) -> str:
+    """The given uid; else, in a torch.distributed job, the one rank 0 publishes in the job's
+    store (ranks wait up to ``rank_sync_timeout``); else a fresh one."""
+    if opts.run_uid:
+        return str(opts.run_uid)[:64]
+    fresh = uuid.uuid4().hex
+    if opts.world_size <= 1 or "torch" not in sys.modules:
+        return fresh
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            logger.warning(
+                "trimtab: world_size is %d but torch.distributed is not initialised: each rank gets its own run. "
+                "Call trimtab.init after init_process_group, or give every rank the same run_uid.",
+                opts.world_size,
+            )
+            return fresh
+        from datetime import timedelta
+
+        store = dist.distributed_c10d._get_default_store()
+        # Every rank calls init the same number of times: the count keeps a later run of the
+        # same job from joining an earlier one's uid.
+        global _dist_inits
+        _dist_inits += 1
+        key = f"trimtab/run_uid/{_dist_inits}"
+        if opts.rank == 0:
+            store.set(key, fresh)
+            return fresh
+        store.wait([key], timedelta(seconds=opts.rank_sync_timeout))
+        return bytes(store.get(key)).decode()
+    except Exception as exc:
+        logger.warning("trimtab: could not agree on a run id with rank 0 (%s); this rank gets its own run", exc)
+        return fresh
 
 
 def _to_number(value: Any) -> Any:

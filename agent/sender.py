@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
 from trimtab import internal, protocol
-from trimtab.buffer import Buffer, Drops
+from trimtab.buffer import Buffer, Chunk, Drops
 from trimtab.handshake import Handshake, Welcome
 from trimtab.options import Options
 from trimtab.session import Pending, Session
@@ -167,20 +167,24 @@ class Sender:
     def _collect(self) -> None:
         if self.buffer is None:
             return
-        for series in self.buffer.drain(self.opts.max_batch_points):
+        for chunk in self.buffer.drain(self.opts.max_batch_points):
             try:
-                self._add_batches(series)
+                self._add_batches(chunk)
             except Exception as exc:  # one batch that cannot be built must not take the rest
                 internal.report("building a batch", exc)
-                self.drops.add("internal_error", sum(len(s["steps"]) // 8 for s in series))
+                self.drops.add("internal_error", chunk.n_points + len(chunk.histograms) + len(chunk.events))
         self._bound_memory()
 
-    def _add_batches(self, series: list[dict[str, Any]]) -> None:
-        """Give ``series`` a seq and hold it; split it first if its frame would exceed the limit."""
+    def _add_batches(self, chunk: Chunk) -> None:
+        """Give ``chunk`` a seq and hold it; split it first if its frame would exceed the limit."""
         seq = self.session.next_seq
-        data = protocol.encode(protocol.batch_frame(seq, series))
+        data = protocol.encode(protocol.batch_frame(seq, chunk.scalars, chunk.histograms, chunk.events))
         if len(data) > protocol.MAX_FRAME_BYTES:
-            for half in _split(series):
+            halves = _split(chunk)
+            if not halves:  # one histogram or event that alone exceeds a frame
+                self.drops.add("too_large")
+                self._warn_once("too_large", "a histogram or event is larger than a frame (8 MiB); dropped")
+            for half in halves:
                 self._add_batches(half)
             return
         self.session.assign()
@@ -375,14 +379,26 @@ class Sender:
             logger.warning("trimtab: %s", message)
 
 
-def _split(series: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Two halves of a batch's series: by key, or by points when there is a single key."""
+def _split(chunk: Chunk) -> list[Chunk]:
+    """Two halves of a chunk: scalars apart from entries, then by key, then by points; [] when
+    it is a single histogram or event."""
+    if chunk.scalars and (chunk.histograms or chunk.events):
+        return [Chunk(scalars=chunk.scalars), Chunk(histograms=chunk.histograms, events=chunk.events)]
+    if chunk.histograms or chunk.events:
+        entries = [("histograms", e) for e in chunk.histograms] + [("events", e) for e in chunk.events]
+        if len(entries) == 1:
+            return []
+        halves = [Chunk(), Chunk()]
+        for i, (name, entry) in enumerate(entries):
+            getattr(halves[i * 2 // len(entries)], name).append(entry)
+        return halves
+    series = chunk.scalars
     if len(series) > 1:
         mid = len(series) // 2
-        return [series[:mid], series[mid:]]
+        return [Chunk(scalars=series[:mid]), Chunk(scalars=series[mid:])]
     (one,) = series
     cut = len(one["steps"]) // 16 * 8  # half the points, on an 8-byte boundary
     columns = ("steps", "walls", "values")
     first = dict(one, **{c: one[c][:cut] for c in columns})
     second = dict(one, **{c: one[c][cut:] for c in columns})
-    return [[first], [second]]
+    return [Chunk(scalars=[first]), Chunk(scalars=[second])]

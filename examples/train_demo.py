@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 from torch import nn
@@ -60,9 +59,9 @@ def main() -> None:
     )
 
     run = trimtab.init(project="demo", name=args.name, config=vars(args))
+    run.watch(model, opt, sched, batch_size=args.batch, tokens_per_step=args.batch * args.seq)
     print(f"training {args.steps} steps; streaming to {run.options.server}", flush=True)
     for step in range(args.steps):
-        start = time.perf_counter()
         idx = torch.randint(0, len(data) - args.seq - 1, (args.batch,))
         x = torch.stack([data[i : i + args.seq] for i in idx])
         y = torch.stack([data[i + 1 : i + args.seq + 1] for i in idx])
@@ -71,19 +70,10 @@ def main() -> None:
         loss = nn.functional.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.step(loss)  # loss, grad norms before clipping, lr, throughput; histograms every 100 steps
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        elapsed = time.perf_counter() - start
-        run.log(
-            {
-                "loss": loss.detach(),
-                "grad_norm/total": grad_norm,
-                "lr/group0": opt.param_groups[0]["lr"],
-                "throughput/tokens_per_s": args.batch * args.seq / elapsed,
-            },
-            step=step,
-        )
         if step % 250 == 0:
             print(f"step {step:5d}  loss {loss.item():.3f}", flush=True)
     ok = run.finish(timeout=30)

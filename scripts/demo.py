@@ -60,6 +60,9 @@ def main() -> int:
             f"  the run:       {url}/api/v1/runs/{run_id}\n"
             f"  its keys:      {url}/api/v1/runs/{run_id}/keys\n"
             f"  loss series:   {url}/api/v1/runs/{run_id}/scalars?key=loss&max_points=500\n"
+            f"  grad norm:     {url}/api/v1/runs/{run_id}/scalars?key=grad_norm/total&max_points=500\n"
+            f"  a histogram:   {url}/api/v1/runs/{run_id}/histograms?key=weights/head.weight\n"
+            f"  events:        {url}/api/v1/runs/{run_id}/events\n"
             f"  API docs:      {url}/docs\n"
             f"Serving until Ctrl-C.",
             flush=True,

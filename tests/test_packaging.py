@@ -33,6 +33,9 @@ def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> No
     for required in (
         "trimtab/__init__.py",
         "trimtab/protocol.py",
+        "trimtab/watch.py",
+        "trimtab/integrations/lightning.py",
+        "trimtab/integrations/transformers.py",
         "trimtab/py.typed",
         "trimtab/server/app.py",
         "trimtab/dashboard/__init__.py",
