@@ -24,6 +24,7 @@ from trimtab.histogram import Summary, histogrammable, summarize
 logger = logging.getLogger("trimtab")
 
 STATS = ("mean", "std", "max_abs", "zero_frac")
+STATS_CHUNK = 1 << 22  # elements per pass of the statistics
 
 
 @dataclass
@@ -110,9 +111,22 @@ class ActivationProbe:
         return hook
 
     def _summarize(self, x: torch.Tensor) -> tuple[torch.Tensor, Summary | None]:
-        x32 = x.float()
-        std, mean = torch.std_mean(x32) if x32.numel() > 1 else (torch.zeros((), device=x.device), x32.reshape(()))
-        max_abs = x32.abs().amax()
-        zero_frac = 1.0 - torch.count_nonzero(x32) / x32.numel()
-        stats = torch.stack([mean, std, max_abs, zero_frac.to(torch.float32)])
-        return stats, summarize(x32, self.bins) if self.histograms else None
+        """mean, std (unbiased), max |x| and the zero fraction, accumulated over chunks so that
+        the logits of a large vocabulary never get a full float32 copy."""
+        flat = x.reshape(-1)
+        n = flat.numel()
+        acc = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
+        total = torch.zeros((), dtype=acc, device=flat.device)
+        squares = torch.zeros((), dtype=acc, device=flat.device)
+        max_abs = torch.zeros((), dtype=torch.float32, device=flat.device)
+        nonzero = torch.zeros((), dtype=torch.int64, device=flat.device)
+        for at in range(0, n, STATS_CHUNK):
+            chunk = flat[at : at + STATS_CHUNK].float()
+            total += chunk.sum(dtype=acc)
+            squares += chunk.square().sum(dtype=acc)
+            max_abs = torch.maximum(max_abs, chunk.abs().amax())
+            nonzero += torch.count_nonzero(chunk)
+        mean = total / n
+        var = ((squares - total * mean) / max(n - 1, 1)).clamp_(min=0.0)
+        stats = torch.stack([mean.float(), var.sqrt().float(), max_abs, (1.0 - nonzero.to(acc) / n).float()])
+        return stats, summarize(x, self.bins) if self.histograms else None

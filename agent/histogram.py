@@ -93,10 +93,10 @@ def _host(x: torch.Tensor, bins: int) -> Summary:
     counts = torch.zeros(bins + 3, dtype=torch.int64)
     if x.numel():
         scale = bins / width
-        if width > 1e30:  # (x - lo) could overflow float32
-            x = x.double()
+        # float32 at least (bf16 would misplace bins); float64 where (x - lo) could overflow
+        work = torch.float64 if width > 1e30 or x.dtype == torch.float64 else torch.float32
         for at in range(0, x.numel(), CHUNK):
-            chunk = x[at : at + CHUNK]
+            chunk = x[at : at + CHUNK].to(work)  # out of place below: chunk may be x itself
             index = chunk.sub(lo).mul_(scale).to(torch.int64).clamp_(0, bins - 1)
             counts[:bins] += torch.bincount(index, minlength=bins)
     counts[bins], counts[bins + 1], counts[bins + 2] = nan, pinf, ninf
@@ -114,10 +114,16 @@ def _range(lo: float, hi: float) -> tuple[float, float]:
 
 
 def _device(x: torch.Tensor, bins: int) -> Summary:
-    x = x.float()
-    finite = torch.isfinite(x)
-    lo = torch.where(finite, x, math.inf).amin()
-    hi = torch.where(finite, x, -math.inf).amax()
+    """Two passes over chunks (range, then counts): temporaries stay chunk-sized, so a
+    histogram of a bf16 logits tensor never makes a full float32 copy of it."""
+    chunks = [x[at : at + DEVICE_CHUNK] for at in range(0, x.numel(), DEVICE_CHUNK)]
+    lo = torch.full((), math.inf, device=x.device)
+    hi = torch.full((), -math.inf, device=x.device)
+    for raw in chunks:
+        chunk = raw.float()
+        finite = torch.isfinite(chunk)
+        lo = torch.minimum(lo, torch.where(finite, chunk, math.inf).amin())
+        hi = torch.maximum(hi, torch.where(finite, chunk, -math.inf).amax())
     has_range = hi > lo
     none_finite = torch.isinf(lo)  # amin of nothing finite is +inf
     lo = torch.where(none_finite, 0.0, lo)
@@ -125,10 +131,11 @@ def _device(x: torch.Tensor, bins: int) -> Summary:
     lo = torch.where(has_range, lo, lo - 0.5)
     scale = bins / width
     counts = torch.zeros(bins + 3, dtype=torch.int64, device=x.device)
-    for at in range(0, x.numel(), DEVICE_CHUNK):
-        chunk = x[at : at + DEVICE_CHUNK]
+    one = torch.ones((), dtype=torch.int64, device=x.device)
+    for raw in chunks:
+        chunk = raw.float()
         index = ((chunk - lo) * scale).nan_to_num_(0.0, bins - 1.0, 0.0).to(torch.int64).clamp_(0, bins - 1)
         special = torch.where(torch.isnan(chunk), bins, torch.where(chunk > 0, bins + 1, bins + 2))
         index = torch.where(torch.isfinite(chunk), index, special)
-        counts.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=x.device).expand(index.numel()))
+        counts.scatter_add_(0, index, one.expand(index.numel()))
     return Summary(counts, torch.stack([lo, width]).float())

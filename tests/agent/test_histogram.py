@@ -72,3 +72,22 @@ def test_to_host_edges() -> None:
     h = to_host([1, 2, 3, 4, 5, 6, 7], -1.0, 2.0, 4)
     assert h.edges == [-1.0, -0.5, 0.0, 0.5, 1.0]
     assert (h.counts, h.nan, h.pinf, h.ninf) == ([1, 2, 3, 4], 5, 6, 7)
+
+
+def test_bfloat16_tensors_are_binned_in_float32() -> None:
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(2)).bfloat16()
+    host, device, _, _ = _both(x)
+    assert host == device
+    reference = _host(x.float(), BINS).counts.tolist()
+    assert host == reference
+
+
+def test_chunked_passes_match_a_single_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trimtab.histogram as histogram
+
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    x[17], x[4000] = math.nan, -math.inf
+    whole = _device(x, BINS)
+    monkeypatch.setattr(histogram, "DEVICE_CHUNK", 999)
+    monkeypatch.setattr(histogram, "CHUNK", 999)
+    assert _device(x, BINS).counts.tolist() == whole.counts.tolist() == _host(x, BINS).counts.tolist()

@@ -343,6 +343,19 @@ def test_update_ratio_of_a_large_tensor_is_estimated_from_a_sample() -> None:
     assert sink.scalars[0]["update_ratio/bias"] == pytest.approx(exact[1], rel=1e-5)
 
 
+def test_activation_statistics_are_exact_over_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trimtab.activations as activations
+
+    monkeypatch.setattr(activations, "STATS_CHUNK", 1000)
+    x = torch.randn(4321, generator=torch.Generator().manual_seed(4)) * 3 + 1
+    x[::7] = 0.0
+    probe = activations.ActivationProbe([], bins=8, histograms=False, warn=lambda t, m: None)
+    stats, _ = probe._summarize(x.bfloat16())
+    ref = x.bfloat16().float()
+    expected = [float(ref.mean()), float(ref.std()), float(ref.abs().max()), float((ref == 0).float().mean())]
+    assert stats.tolist() == pytest.approx(expected, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- awkward models
 
 
