@@ -254,7 +254,9 @@ class Watcher:
             info = StepInfo(step, wall, host, loss_t is not None, index, per_param, self._inputs)
             self._inputs = []
             self.transfers.submit([torch.cat(parts)], lambda values: self._emit_step(info, values[0]))
-        else:
+        else:  # no tensors at all: a loss given as a number, no gradients
+            if "loss" in host:
+                host["nonfinite"] = 0.0 if math.isfinite(host["loss"]) else 1.0
             self.sink.emit_scalars(step, wall, host)
             self._inputs = []
         if sampled:

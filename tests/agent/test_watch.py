@@ -366,6 +366,10 @@ def test_a_model_without_parameters_still_logs_the_loss(caplog: pytest.LogCaptur
     watcher.close()
     assert [sink.scalars[s]["loss"] for s in range(3)] == [0.0, 1.0, 2.0]
     assert "watch-empty" in sink.warnings
+    watcher, sink = watch(nn.ReLU(), None)
+    watcher.step(math.inf, 0, None, None)  # a plain number: no device involved
+    watcher.step(1.5, 1, None, None)
+    assert [(sink.scalars[s]["loss"], sink.scalars[s]["nonfinite"]) for s in (0, 1)] == [(math.inf, 1.0), (1.5, 0.0)]
 
 
 def test_frozen_and_unused_parameters_are_left_out() -> None:
