@@ -487,6 +487,8 @@ class Watcher:
                 forward["weights_updated_since"] = not live
             except Exception as exc:
                 forward = {"replayed": False, "error": repr(exc)[:500]}
+        else:
+            forward["reason"] = "no inputs kept: the watched module's own forward was not called this step"
         data["forward"] = forward
         module = forward.get("module")
         param = data.get("backward", {}).get("param")
@@ -500,7 +502,6 @@ class Watcher:
         else:
             data["source"] = "unknown"
         self.sink.emit_event("nonfinite", info.step, data, level="error")
-        self.sink.warn_once("nonfinite-first", "non-finite values: see the run's nonfinite events for where")
         logger.warning(
             "trimtab: non-finite values at step %d (source: %s; first module: %s; first parameter gradient: %s)",
             info.step,

@@ -308,6 +308,20 @@ def test_a_nan_in_an_earlier_micro_batch_is_found() -> None:
     assert data["forward"]["micro_batch"] == 0 and data["forward"]["micro_batches"] == 1
 
 
+def test_without_kept_inputs_the_event_says_why_there_was_no_replay() -> None:
+    model = mlp()
+    watcher, sink = watch(model, None, sample_every=1000)
+    x = torch.randn(4, 6)
+    x[0, 0] = math.nan
+    out = model[2](model[1](model[0](x)))  # the layers one by one: the model's forward never runs
+    out.sum().backward()  # type: ignore[no-untyped-call]
+    watcher.step(out.sum(), 0, None, None)
+    watcher.close()
+    ((_, _, data, _),) = sink.events
+    assert data["forward"]["replayed"] is False and "not called" in data["forward"]["reason"]
+    assert data["source"] == "forward" and data["module"] is None and data["param"] == "2.weight"
+
+
 def test_a_grad_scaler_overflow_is_not_a_nan_incident() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
