@@ -82,8 +82,10 @@ class NonFinite(Detector):
 
 
 class Threshold(Detector):
-    """``value <op> limit`` for any key, e.g. a user-logged ``attn/max_logit > 1e3`` or
-    ``loss_scale < 1``. Non-finite values are NonFinite's business and never match here."""
+    """``value <op> limit`` for any key, e.g. a user-logged ``attn/max_logit > 1e3``,
+    ``loss_scale < 1`` or dead units (``act/<module>/zero_frac > 0.9``), on ``patience`` (1)
+    values in a row. Non-finite values are NonFinite's business: they never match and they
+    end a streak."""
 
     kind = "threshold"
     OPS: ClassVar[dict[str, Any]] = {
@@ -93,26 +95,90 @@ class Threshold(Detector):
         "<=": lambda a, b: a <= b,
     }
 
-    def __init__(self, op: str, limit: float, severity: str = WARNING) -> None:
+    def __init__(self, op: str, limit: float, severity: str = WARNING, patience: int = 1) -> None:
         if op not in self.OPS:
             raise ValueError(f"threshold op must be one of {sorted(self.OPS)}, got {op!r}")
         if not math.isfinite(limit):
             raise ValueError(f"threshold limit must be a finite number, got {limit!r}")
-        if severity not in (WARNING, CRITICAL):
-            raise ValueError(f"severity must be {WARNING!r} or {CRITICAL!r}, got {severity!r}")
-        self.op, self.limit, self.severity = op, float(limit), severity
+        _check_severity(severity)
+        if patience < 1:
+            raise ValueError(f"threshold patience must be >= 1, got {patience}")
+        self.op, self.limit, self.severity, self.patience = op, float(limit), severity, patience
+        self._streak = 0
 
     def update(self, step: int, value: float) -> Finding | None:
         if not math.isfinite(value) or not self.OPS[self.op](value, self.limit):
+            self._streak = 0
+            return None
+        self._streak += 1
+        if self._streak < self.patience:
             return None
         return Finding(self.kind, step, value, self.severity, f"{value:.6g} {self.op} {self.limit:.6g}", self.limit)
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "op": self.op, "limit": self.limit, "severity": self.severity}
+        return {
+            "kind": self.kind,
+            "op": self.op,
+            "limit": self.limit,
+            "severity": self.severity,
+            "patience": self.patience,
+            "streak": self._streak,
+        }
 
     @classmethod
     def _from_state(cls, state: dict[str, Any]) -> Detector:
-        return cls(state["op"], state["limit"], state.get("severity", WARNING))
+        d = cls(state["op"], state["limit"], state.get("severity", WARNING), state.get("patience", 1))
+        d._streak = state.get("streak", 0)
+        return d
+
+
+class Band(Detector):
+    """Outside ``[low, high]`` for ``patience`` (3) values in a row. For ratios that should
+    stay within orders of magnitude: the first/last-layer gradient-norm ratio (vanishing or
+    exploding gradients across depth, e.g. 1e-3 to 1e3) or an update ratio ‖ΔW‖/‖W‖ (e.g.
+    1e-6 to 1e-1). ``low`` and ``high`` must be finite with ``low < high``."""
+
+    kind = "band"
+
+    def __init__(self, low: float, high: float, patience: int = 3, severity: str = WARNING) -> None:
+        if not (math.isfinite(low) and math.isfinite(high) and low < high) or patience < 1:
+            raise ValueError("band: need finite low < high and patience >= 1")
+        _check_severity(severity)
+        self.low, self.high, self.patience, self.severity = float(low), float(high), patience, severity
+        self._streak = 0
+
+    def update(self, step: int, value: float) -> Finding | None:
+        if not math.isfinite(value) or self.low <= value <= self.high:
+            self._streak = 0
+            return None
+        self._streak += 1
+        if self._streak < self.patience:
+            return None
+        side = "below" if value < self.low else "above"
+        bound = self.low if value < self.low else self.high
+        message = f"{value:.3g} is {side} {bound:.3g} for {self._streak} values in a row"
+        return Finding(self.kind, step, value, self.severity, message, bound)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "low": self.low,
+            "high": self.high,
+            "patience": self.patience,
+            "severity": self.severity,
+            "streak": self._streak,
+        }
+
+    @classmethod
+    def _from_state(cls, state: dict[str, Any]) -> Detector:
+        d = cls(state["low"], state["high"], state["patience"], state["severity"])
+        d._streak = state["streak"]
+        return d
+
+
+def _check_severity(severity: str) -> None:
+    if severity not in (WARNING, CRITICAL):
+        raise ValueError(f"severity must be {WARNING!r} or {CRITICAL!r}, got {severity!r}")
 
 
 class OverflowRate(Detector):
@@ -350,3 +416,42 @@ class Divergence(Detector):
         d._values.extend(state["values"])
         d._over = state["over"]
         return d
+
+
+class Corroboration:
+    """Multi-signal agreement: findings from different detectors (or keys) within ``window``
+    (10) steps of each other corroborate one another. ``observe`` returns the signals that
+    agree with a new finding (its own included) once ``needed`` (2) distinct ones have fired
+    in the window, else None. A loss spike with a grad-norm spike in the same window is a
+    real incident; a lone loss bump from a data-distribution shift is not."""
+
+    def __init__(self, window: int = 10, needed: int = 2) -> None:
+        if window < 0 or needed < 2:
+            raise ValueError("corroboration: need window >= 0 and needed >= 2")
+        self.window, self.needed = window, needed
+        self._recent: deque[tuple[str, Finding]] = deque()
+
+    def observe(self, signal: str, finding: Finding) -> list[str] | None:
+        """``signal`` names the source, e.g. ``"robust_spike:loss"``."""
+        self._recent.append((signal, finding))
+        while self._recent and self._recent[0][1].step < finding.step - self.window:
+            self._recent.popleft()
+        signals = sorted({s for s, f in self._recent if abs(f.step - finding.step) <= self.window})
+        return signals if len(signals) >= self.needed else None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "window": self.window,
+            "needed": self.needed,
+            "recent": [
+                [s, f.detector, f.step, f.value if math.isfinite(f.value) else str(f.value), f.severity, f.message]
+                for s, f in self._recent
+            ],
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> Corroboration:
+        c = cls(state["window"], state["needed"])
+        for signal, detector, step, value, severity, message in state["recent"]:
+            c._recent.append((signal, Finding(detector, step, float(value), severity, message)))
+        return c

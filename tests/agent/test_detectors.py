@@ -11,8 +11,11 @@ import pytest
 from trimtab.detectors import (
     CRITICAL,
     WARNING,
+    Band,
+    Corroboration,
     Detector,
     Divergence,
+    Finding,
     GrossMagnitude,
     NonFinite,
     OverflowRate,
@@ -149,3 +152,48 @@ def test_the_other_detectors_restore_too() -> None:
         part = run(first, values[:300])
         part.update(run(roundtrip(first), values[300:], start=300))
         assert part == whole and whole, make
+
+
+def test_threshold_patience_needs_a_streak() -> None:
+    dead = Threshold(">", 0.9, patience=3)  # e.g. act/<module>/zero_frac: dead units
+    assert list(run(dead, [0.95, 0.95, 0.5, 0.95, 0.96, 0.97, 0.99, math.nan, 0.99])) == [5, 6]
+
+
+def test_band_flags_ratios_outside_their_orders_of_magnitude() -> None:
+    ratio = Band(1e-3, 1e3, patience=2)  # first/last layer gradient-norm ratio
+    values = [1.0, 5e-4, 2.0, 4e-4, 3e-4, 1e-4, 10.0, 2e3, 3e3]
+    found = {s: f for s, f in ((s, ratio.update(s, v)) for s, v in enumerate(values)) if f is not None}
+    assert list(found) == [4, 5, 8]
+    assert "below" in found[4].message and found[8].baseline == 1e3
+    with pytest.raises(ValueError, match="low < high"):
+        Band(1.0, 1.0)
+
+
+def test_the_streak_detectors_restore_mid_streak() -> None:
+    values = [0.0, 5.0, 5.0, 0.0, 5.0, 5.0, 5.0, 5.0]
+    for make in (lambda: Threshold(">", 1.0, patience=3), lambda: Band(-1.0, 1.0, patience=3)):
+        whole = run(make(), values)
+        first = make()
+        part = run(first, values[:5])
+        part.update(run(roundtrip(first), values[5:], start=5))
+        assert part == whole == {6: 5.0, 7: 5.0}
+
+
+def finding(step: int, detector: str = "robust_spike") -> Finding:
+    return Finding(detector, step, 1.0, WARNING, "")
+
+
+def test_corroboration_needs_two_signals_close_together() -> None:
+    c = Corroboration(window=10, needed=2)
+    assert c.observe("robust_spike:loss", finding(100)) is None  # a lone loss bump
+    assert c.observe("robust_spike:loss", finding(101)) is None  # the same signal again
+    assert c.observe("robust_spike:grad_norm/total", finding(105)) == [
+        "robust_spike:grad_norm/total",
+        "robust_spike:loss",
+    ]
+    assert c.observe("nonfinite:loss", Finding("nonfinite", 200, math.nan, CRITICAL, "")) is None  # too late
+    restored = Corroboration.restore(json.loads(json.dumps(c.state(), allow_nan=False)))
+    assert restored.observe("robust_spike:grad_norm/total", finding(203)) == [
+        "nonfinite:loss",
+        "robust_spike:grad_norm/total",
+    ]
