@@ -245,7 +245,9 @@ class RobustSpike(Detector):
     Fires above ``z`` (8), after ``warmup`` (50) values. The value under test and flagged
     values never enter the baseline, so a spike cannot hide the next one and a run of bad
     steps keeps firing instead of becoming the new normal. Non-finite values are skipped
-    (NonFinite reports them)."""
+    (NonFinite reports them). A series that is constant through warm-up has a scale of
+    ``rel_floor`` x |median| (or 1e-12 at zero), so it is meant for loss and gradient norms,
+    not for values that sit exactly still."""
 
     kind = "robust_spike"
 
@@ -368,7 +370,8 @@ class Divergence(Detector):
     """A sustained rise: the median of the last ``short`` (20) values over the median of the
     ``long`` (200) values before them exceeds ``ratio`` (1.3) for ``patience`` (10) updates
     in a row. Slower than a spike detector by design; it catches the slow blow-up a spike
-    detector adapts to."""
+    detector adapts to. Meant for positive series (loss, gradient norm): while the earlier
+    median is not positive it stays silent."""
 
     kind = "divergence"
 
