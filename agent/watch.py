@@ -99,7 +99,6 @@ class StepInfo:
     host: dict[str, float]  # values known on the host already (lr, timing)
     has_loss: bool
     grad_index: list[int]  # which parameters had a gradient, in the order of the norms
-    per_param: bool
     inputs: list[Inputs]
 
 
@@ -117,7 +116,7 @@ class Watcher:
         self.sink = sink
         self.model = model
         self.optimizer = optimizer
-        self.scheduler = scheduler
+        self.scheduler = scheduler  # for the control commands (reduce_lr) of the next issue
         self.scaler = scaler
         self.opts = opts
         self.sample_every = opts.sample_every
@@ -145,6 +144,7 @@ class Watcher:
         self._replay_ok = opts.replay_on_nonfinite and _plain_module(model)
         self.meter = OverheadMeter(report_every=opts.sample_every)
         self._over_budget_said = False
+        self._nan: dict[torch.device, torch.Tensor] = {}  # the "absent" entries of the step tensor
         self._norm_kwargs = _foreach_norm_kwargs()
         self._forward_rank: dict[str, int] = {}
         self._last_start: float | None = None
@@ -244,14 +244,16 @@ class Watcher:
             total = torch.linalg.vector_norm(norms)
         per_param = self.per_param or sampled
         if device is not None:
-            nan = torch.full((), math.nan, device=device)
+            nan = self._nan.get(device)
+            if nan is None:
+                nan = self._nan[device] = torch.full((), math.nan, device=device)
             head = [loss_t.float() if loss_t is not None else nan, total if norms is not None else nan]
             scale_t = self._loss_scale()
             head.append(scale_t.to(device).float() if scale_t is not None else nan)
             parts = [torch.stack([h.to(device) for h in head])]
             if norms is not None and per_param:
                 parts.append(norms.to(device))
-            info = StepInfo(step, wall, host, loss_t is not None, index, per_param, self._inputs)
+            info = StepInfo(step, wall, host, loss_t is not None, index, self._inputs)
             self._inputs = []
             self.transfers.submit([torch.cat(parts)], lambda values: self._emit_step(info, values[0]))
         else:  # no tensors at all: a loss given as a number, no gradients
@@ -497,8 +499,8 @@ class Watcher:
             data["source"] = "batch"  # the inputs themselves held NaN/Inf
         elif module is not None or (loss is not None and not math.isfinite(loss)):
             data["source"] = "forward"
-        elif bad:
-            data["source"] = "backward"
+        elif bad or (total is not None and not math.isfinite(total)):
+            data["source"] = "backward"  # per-parameter norms may be off on this step: the total tells
         else:
             data["source"] = "unknown"
         self.sink.emit_event("nonfinite", info.step, data, level="error")

@@ -11,8 +11,9 @@ tokens. Three modes take turns in blocks of 10 steps in one process, on one mode
 It prints each mode's median step time and its ratio to ``off`` (the every-step cost), the
 mean step time ratio (the amortised cost, sampled steps included), the median time spent
 inside ``run.step`` itself (a direct, low-noise measure of the training-thread cost) and
-the extra time of a sampled step. Targets: every-step <= 1 %, default cadence <= 2 %
-(amortised). On a shared 2-core machine the step-time ratios carry about +-1 % of noise.
+the extra time of a sampled step, then times its histograms against ``torch.histc``.
+Targets: every-step <= 1 %, default cadence <= 2 % (amortised). On a shared 2-core
+machine the step-time ratios carry about +-1 % of noise.
 
 The agent points at a closed port with a disk spool, so the sender thread does its whole
 job (batching, encoding, spooling) but no server competes for the CPU.
@@ -83,6 +84,29 @@ MODES: dict[str, dict[str, Any] | None] = {
 }
 
 
+def histogram_speed(model: nn.Module, repeats: int = 20) -> None:
+    """trimtab's histogram against ``torch.histc`` (given the range) on every weight tensor."""
+    from trimtab.histogram import summarize
+
+    weights = [p.detach() for p in model.parameters()]
+
+    def best(fn: Any) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    ours = best(lambda: [summarize(w, 64) for w in weights])
+    histc = best(lambda: [torch.histc(w, 64, float(w.min()), float(w.max())) for w in weights])
+    print(
+        f"histograms of all weights: trimtab {ours * 1e3:.1f} ms, torch.histc {histc * 1e3:.1f} ms "
+        f"({histc / ours:.1f}x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="measured steps per mode")
@@ -146,6 +170,7 @@ def main() -> None:
         done = (turn + 1) / turns
         print(f"\r  {done:4.0%} after {time.perf_counter() - began:4.0f} s", end="", flush=True)
     print()
+    histogram_speed(model)
     run.finish(timeout=2)  # the server is a closed port: the batches stay in the spool, removed here
     shutil.rmtree(spool, ignore_errors=True)
 

@@ -13,7 +13,6 @@ the norms after clipping. The Trainer's own pre-clip norm is forwarded from its 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,7 +88,7 @@ class TrimtabCallback(TrainerCallback):  # type: ignore[misc]
         run = self._holder.run
         value = (logs or {}).get("grad_norm")
         if run is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
-            run.log({"hf/grad_norm": float(value) if math.isfinite(value) else value}, step=state.global_step - 1)
+            run.log({"hf/grad_norm": float(value)}, step=state.global_step - 1)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -222,6 +222,22 @@ def test_backward_only_nan_is_blamed_on_a_parameter() -> None:
     assert set(data["nonfinite_params"]) == {"0.weight", "0.bias"}
 
 
+def test_backward_blame_without_per_parameter_norms() -> None:
+    torch.manual_seed(0)
+    bomb = BackwardBomb()
+    model = nn.Sequential(nn.Linear(6, 6), bomb, nn.Linear(6, 2))
+    watcher, sink = watch(model, None, sample_every=1000, param_grad_norms=False)
+    for step in range(3):
+        bomb.armed = step == 2  # step 2 is not sampled: only the total norm is known
+        loss = model(torch.randn(4, 6)).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        watcher.step(loss, step, None, None)
+        model.zero_grad()
+    watcher.close()
+    ((_, _, data, _),) = [e for e in sink.events if e[0] == "nonfinite"]
+    assert data["source"] == "backward" and data["param"] is None and "grad_norm/0.weight" not in sink.scalars[2]
+
+
 def test_a_bad_batch_is_blamed_on_the_batch_and_a_new_streak_gets_a_new_event() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
