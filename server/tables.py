@@ -4,7 +4,8 @@ Conventions: times are unix seconds (double precision); ``scalar_points.value`` 
 exactly when the value is NaN, because SQLite turns a bound NaN into NULL (PostgreSQL
 stores NaN natively, and NULL is read back as NaN on both). +Inf and -Inf are stored as
 themselves on both. The two point tables carry no foreign keys: ingest is their only
-writer, and a per-row FK check would halve COPY speed.
+writer, and a per-row FK check would halve COPY speed. ``alerts.value`` follows the same
+NaN-as-NULL rule (a finding always has a value).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     Double,
     ForeignKey,
@@ -23,6 +25,9 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    false,
+    text,
+    true,
 )
 
 metadata = MetaData(
@@ -134,4 +139,112 @@ api_tokens = Table(
     Column("created_at", Double, nullable=False),
     Column("last_used_at", Double, nullable=True),
     Column("revoked_at", Double, nullable=True),
+)
+
+# ---------------------------------------------------------------- alerts
+
+alert_rules = Table(
+    "alert_rules",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    # NULL: the project's rule; a run id: that run's override of it
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=True),
+    Column("name", String(128), nullable=False),
+    Column("body", JSON, nullable=False),  # RuleSpec.to_dict()
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    # One rule of a name per project and one per run. Two partial indexes, because a unique
+    # constraint over a NULL run_id would let any number of project rules share a name.
+    Index(
+        "uq_alert_rules_project_id_name",
+        "project_id",
+        "name",
+        unique=True,
+        sqlite_where=text("run_id IS NULL"),
+        postgresql_where=text("run_id IS NULL"),
+    ),
+    Index(
+        "uq_alert_rules_run_id_name",
+        "run_id",
+        "name",
+        unique=True,
+        sqlite_where=text("run_id IS NOT NULL"),
+        postgresql_where=text("run_id IS NOT NULL"),
+    ),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("rule_name", String(128), nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("detector", String(32), nullable=False),
+    Column("severity", String(16), nullable=False),  # warning | critical
+    Column("status", String(16), nullable=False),  # firing | resolved
+    Column("message", String(1024), nullable=False),
+    Column("remedy", String(1024), nullable=False),
+    Column("value", Double, nullable=True),  # the latest finding's value; NULL is NaN
+    Column("baseline", Double, nullable=True),
+    Column("first_step", BigInteger, nullable=False),
+    Column("last_step", BigInteger, nullable=False),
+    Column("fired_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("resolved_at", Double, nullable=True),
+    Column("resolve_reason", String(32), nullable=True),  # quiet | run_finished | rule_removed
+    Column("count", Integer, nullable=False, server_default="1"),  # findings folded in
+    # False while the alert opened inside its rule's cooldown and has not escalated
+    Column("notified", Boolean, nullable=False, server_default=false()),
+    Column("data", JSON, nullable=False),
+    Index("ix_alerts_run_id_rank_rule_name_key_status", "run_id", "rank", "rule_name", "key", "status"),
+    Index("ix_alerts_project_id_id", "project_id", "id"),
+    Index("ix_alerts_status_id", "status", "id"),
+)
+
+sinks = Table(
+    "sinks",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # slack | webhook
+    Column("name", String(128), nullable=False),
+    Column("url", String(2048), nullable=False),
+    Column("secret", String(256), nullable=True),
+    # NULL: alerts of every project
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=True),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("created_at", Double, nullable=False),
+)
+
+alert_deliveries = Table(
+    "alert_deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("alert_id", Integer, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("sink_id", Integer, ForeignKey("sinks.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("event", String(16), nullable=False),  # firing | escalated | resolved
+    Column("payload", JSON, nullable=False),  # the alert as it was when enqueued
+    Column("status", String(16), nullable=False),  # pending | delivered | dead
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("last_error", String(1024), nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("delivered_at", Double, nullable=True),
+    Index("ix_alert_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+)
+
+detector_states = Table(
+    "detector_states",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("rule_name", String(128), nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("state", JSON, nullable=False),  # RuleEvaluator.state()
+    Column("step", BigInteger, nullable=False),  # the last step the state has seen
+    Column("updated_at", Double, nullable=False),
+    PrimaryKeyConstraint("run_id", "rank", "rule_name", "key"),
 )

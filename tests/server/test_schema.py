@@ -105,3 +105,76 @@ def test_upgrade_from_0001_keeps_the_data_and_gives_keys_rank_0(db_url: str) -> 
             assert conn.execute(text("SELECT count(*) FROM metric_keys")).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+def test_upgrade_from_0002_keeps_the_data_and_adds_the_alert_tables(db_url: str) -> None:
+    migrate.upgrade(db_url, "0002_metric_key_rank")
+    engine = make_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO projects (id, name, created_at) VALUES (1, 'old', 1.0)"))
+            conn.execute(
+                text(
+                    "INSERT INTO runs (id, uid, project_id, name, status, created_at, last_seen_at, config, drops)"
+                    " VALUES (7, 'uid-7', 1, 'before', 'running', 1.0, 2.0, '{}', '{}'),"
+                    " (8, 'uid-8', 1, 'other', 'running', 1.0, 2.0, '{}', '{}')"
+                )
+            )
+            conn.execute(
+                text("INSERT INTO metric_keys (id, run_id, kind, name, rank) VALUES (3, 7, 'scalar', 'loss', 1)")
+            )
+            conn.execute(text("INSERT INTO scalar_points (key_id, step, wall_time, value) VALUES (3, 10, 100.5, 2.5)"))
+
+        migrate.upgrade(db_url)
+
+        assert migrate.current_revision(engine) == migrate.head_revision()
+        with engine.begin() as conn:
+            assert tuple(conn.execute(text("SELECT id, run_id, name, rank FROM metric_keys")).one()) == (
+                3,
+                7,
+                "loss",
+                1,
+            )
+            assert tuple(conn.execute(text("SELECT key_id, step, value FROM scalar_points")).one()) == (3, 10, 2.5)
+            rule = "INSERT INTO alert_rules (project_id, run_id, name, body, created_at, updated_at) VALUES "
+            # a project rule, and the same name overridden for run 7 and for run 8
+            conn.execute(text(rule + "(1, NULL, 'spike', '{}', 1.0, 1.0), (1, 7, 'spike', '{}', 1.0, 1.0)"))
+            conn.execute(text(rule + "(1, 8, 'spike', '{}', 1.0, 1.0)"))
+            conn.execute(
+                text(
+                    "INSERT INTO alerts (id, run_id, project_id, rank, rule_name, key, detector, severity, status,"
+                    " message, remedy, value, first_step, last_step, fired_at, updated_at, data) VALUES"
+                    " (1, 7, 1, 0, 'spike', 'loss', 'nonfinite', 'critical', 'firing', 'm', 'r', NULL, 5, 5, 1.0,"
+                    " 1.0, '{}')"
+                )
+            )
+            alert = conn.execute(text("SELECT count, notified FROM alerts WHERE id = 1")).one()
+            assert (alert[0], bool(alert[1])) == (1, False)  # server defaults
+            conn.execute(
+                text("INSERT INTO sinks (id, kind, name, url, created_at) VALUES (1, 'webhook', 'w', 'http://x', 1.0)")
+            )
+            assert bool(conn.execute(text("SELECT enabled FROM sinks")).scalar_one()) is True
+            conn.execute(
+                text(
+                    "INSERT INTO alert_deliveries (alert_id, sink_id, event, payload, status, next_attempt_at,"
+                    " created_at) VALUES (1, 1, 'firing', '{}', 'pending', 1.0, 1.0)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO detector_states (run_id, rank, rule_name, key, state, step, updated_at)"
+                    " VALUES (7, 0, 'spike', 'loss', '{}', 5, 1.0)"
+                )
+            )
+        # one project rule of a name, even though its run_id is NULL; one per run
+        for duplicate in ("(1, NULL, 'spike', '{}', 1.0, 1.0)", "(1, 7, 'spike', '{}', 1.0, 1.0)"):
+            with pytest.raises(IntegrityError), engine.begin() as conn:
+                conn.execute(text(rule + duplicate))
+        with engine.begin() as conn:
+            # deleting a run takes its rules, alerts, their deliveries and its detector state along
+            conn.execute(text("DELETE FROM runs WHERE id = 7"))
+            for table, left in (("alert_rules", 2), ("alerts", 0), ("alert_deliveries", 0), ("detector_states", 0)):
+                assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one() == left, table
+            assert conn.execute(text("SELECT count(*) FROM sinks")).scalar_one() == 1
+    finally:
+        engine.dispose()
