@@ -1,4 +1,4 @@
-"""Instability detectors: pure, stateful and serialisable, so the server (on the ingest
+"""Single-series detectors: pure, stateful and serialisable, so the server (on the ingest
 stream) and the agent (on the training thread) run the same code.
 
 A detector sees one series, one value at a time: ``update(step, value)`` returns a
@@ -6,8 +6,7 @@ A detector sees one series, one value at a time: ``update(step, value)`` returns
 dict and ``restore(state)`` rebuilds an equal detector, so a server restart resumes where
 it stopped. No torch, no numpy: plain Python, a few microseconds per update.
 
-Defaults are documented on each class. This is the first part of the detector library
-(issue 4); the alert engine that runs it on the server comes next.
+Defaults are documented on each class. Rules (``rules.py``) put a detector on a key.
 """
 
 from __future__ import annotations
@@ -51,11 +50,20 @@ class Detector(ABC):
         """Everything needed to resume, JSON-safe (only finite numbers are kept)."""
 
     @staticmethod
+    def kinds() -> dict[str, type[Detector]]:
+        """Every detector class by its ``kind``."""
+        return dict(Detector._registry)
+
+    @staticmethod
     def restore(state: dict[str, Any]) -> Detector:
+        """The detector ``state()`` described; ValueError when the state is not one."""
         cls = Detector._registry.get(state.get("kind", ""))
         if cls is None:
             raise ValueError(f"unknown detector kind {state.get('kind')!r}")
-        return cls._from_state(state)
+        try:
+            return cls._from_state(state)
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(f"malformed {cls.kind} state: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     @abstractmethod
