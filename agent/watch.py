@@ -129,6 +129,7 @@ class Watcher:
         elif not self.params:
             sink.warn_once("watch-frozen", "run.watch: every parameter is frozen; no gradient statistics")
         self.grad_keys = [f"grad_norm/{n}" for n in self.names]
+        self.is_matrix = [p.ndim >= 2 for p in self.params]  # weight matrices, for the depth ratio
         self.send_histograms = opts.histograms and (sink.rank == 0 or opts.all_ranks_histograms)
         modules = [
             (name, m)
@@ -414,6 +415,9 @@ class Watcher:
         if norms:
             keys = self.grad_keys
             record.update({keys[i]: v for i, v in zip(info.grad_index, norms, strict=True)})
+            ratio = self._depth_ratio(info.grad_index, norms)
+            if ratio is not None:
+                record["grad_norm/depth_ratio"] = ratio
         loss_value = record.get("loss")
         loss_bad = loss_value is not None and not math.isfinite(loss_value)
         grads_bad = bool(info.grad_index) and not math.isfinite(total)
@@ -432,6 +436,17 @@ class Watcher:
         self._streak += 1
         if self._streak == 1:
             self._provenance(info, loss_value, total if info.grad_index else None, norms)
+
+    def _depth_ratio(self, index: list[int], norms: list[float]) -> float | None:
+        """First over last weight matrix's gradient norm (registration order): far from 1 by
+        orders of magnitude when gradients vanish or explode across depth."""
+        matrices = [v for i, v in zip(index, norms, strict=True) if self.is_matrix[i]]
+        if len(matrices) < 2:
+            return None
+        first, last = matrices[0], matrices[-1]
+        if not (math.isfinite(first) and math.isfinite(last)) or last <= 0:
+            return None
+        return first / last
 
     def _emit_sample(self, step: int, wall: float, layout: dict[str, Any], host: list[torch.Tensor]) -> None:
         record: dict[str, float] = {}

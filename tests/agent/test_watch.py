@@ -534,3 +534,13 @@ def test_watch_through_a_run(caplog: pytest.LogCaptureFixture) -> None:
         assert not any(m._forward_hooks for m in model.modules())
     finally:
         run.finish(timeout=1)
+
+
+def test_depth_ratio_is_first_over_last_weight_matrix() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watcher, sink = watch(model, opt, sample_every=1000)
+    seen = train(model, opt, watcher, 3)
+    for step, (_, grads) in enumerate(seen):
+        first, last = float(grads[0].norm()), float(grads[2].norm())  # 0.weight and 2.weight, not the biases
+        assert sink.scalars[step]["grad_norm/depth_ratio"] == pytest.approx(first / last, rel=1e-5)
