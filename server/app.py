@@ -17,10 +17,12 @@ from trimtab.server.agent_socket import agent_socket
 from trimtab.server.api import router
 from trimtab.server.auth import Authenticator
 from trimtab.server.context import ServerContext
+from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.engine import make_engine
 from trimtab.server.errors import error_response, install_error_handlers
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
+from trimtab.server.sinks_api import router as sinks_router
 from trimtab.server.store import Store
 from trimtab.version import __version__
 
@@ -36,16 +38,21 @@ def create_app(settings: Settings) -> FastAPI:
         store=store,
         writer=IngestWriter(store),
         auth=Authenticator(store, enabled=settings.auth, cache_s=settings.token_cache_s),
+        delivery=DeliveryWorker(store, settings),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate.check_schema(engine, settings.database_url)
         ctx.writer.start()
+        if ctx.delivery is not None:
+            ctx.delivery.start()
         try:
             yield
         finally:
             ctx.writer.stop()
+            if ctx.delivery is not None:
+                ctx.delivery.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -58,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.trimtab = ctx
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(sinks_router)
     app.add_api_websocket_route(WS_PATH, agent_socket)
 
     @app.get("/", include_in_schema=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trimtab.server.auth import Authenticator
+from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
 from trimtab.server.store import Store
@@ -16,3 +17,4 @@ class ServerContext:
     store: Store
     writer: IngestWriter
     auth: Authenticator
+    delivery: DeliveryWorker | None = None  # sends the alert outbox; wake() it after queueing

@@ -38,6 +38,19 @@ class Settings(BaseSettings):
     hello_timeout_s: float = 10.0
     # How long a verified token is remembered before the database is asked again.
     token_cache_s: float = 10.0
+    # Alert delivery to sinks (delivery.py): a request gives up after delivery_timeout_s; a
+    # failed one is retried after a random wait in [0, min(cap, base * 2^(attempt-1))] until
+    # it is delivery_max_age_s old or has had delivery_max_attempts tries, then it is dead.
+    delivery_timeout_s: float = Field(default=10.0, gt=0)
+    delivery_backoff_base_s: float = Field(default=1.0, gt=0)
+    delivery_backoff_cap_s: float = Field(default=300.0, gt=0)
+    delivery_max_age_s: float = Field(default=86_400.0, gt=0)
+    delivery_max_attempts: int = Field(default=1000, ge=1)
+    # Deliveries in flight at once, in all and per sink (a hanging sink holds only its own share).
+    delivery_concurrency: int = Field(default=32, ge=1)
+    delivery_per_sink: int = Field(default=4, ge=1)
+    # The worker also looks for due rows this often (rows other replicas queued, lost wake-ups).
+    delivery_poll_s: float = Field(default=2.0, gt=0)
 
     @property
     def database_url(self) -> str:
