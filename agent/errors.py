@@ -28,6 +28,10 @@ class ErrorCode(str, Enum):
     STORE_UNAVAILABLE = "store_unavailable"
     SCHEMA_OUT_OF_DATE = "schema_out_of_date"
     INTERNAL = "internal"
+    INVALID_RULE = "invalid_rule"
+    RULE_NOT_FOUND = "rule_not_found"
+    RULE_EXISTS = "rule_exists"
+    ALERT_NOT_FOUND = "alert_not_found"
 
 
 # code -> (HTTP status, websocket close code). 4xxx close codes are application-defined
@@ -49,6 +53,10 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, int]] = {
     ErrorCode.STORE_UNAVAILABLE: (503, 1013),
     ErrorCode.SCHEMA_OUT_OF_DATE: (503, 1013),
     ErrorCode.INTERNAL: (500, 1011),
+    ErrorCode.INVALID_RULE: (422, 4422),
+    ErrorCode.RULE_NOT_FOUND: (404, 4404),
+    ErrorCode.RULE_EXISTS: (409, 4409),
+    ErrorCode.ALERT_NOT_FOUND: (404, 4404),
 }
 
 

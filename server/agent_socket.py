@@ -120,6 +120,8 @@ class AgentConnection:
                 await run_in_threadpool(self.ctx.store.finish_run, self.run_id, self.rank, frame.drops)
                 if self.rank == 0:
                     logger.info("agent %s: run %s finished", self.peer, self.run_id)
+                    if self.ctx.alerts is not None:
+                        self.ctx.alerts.run_finished(self.run_id)  # its firing alerts resolve
                 else:  # the run goes on until rank 0 says bye
                     logger.info("agent %s: run %s rank %d said bye", self.peer, self.run_id, self.rank)
                 return

@@ -14,6 +14,8 @@ from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import WS_PATH
 from trimtab.server import migrate
 from trimtab.server.agent_socket import agent_socket
+from trimtab.server.alerts import AlertEngine
+from trimtab.server.alerts_api import router as alerts_router
 from trimtab.server.api import router
 from trimtab.server.auth import Authenticator
 from trimtab.server.context import ServerContext
@@ -33,10 +35,12 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app. The database must already be at the head migration (see ``serve``)."""
     engine = make_engine(settings.database_url, lock_timeout_s=settings.lock_timeout_s)
     store = Store(engine, stale_after_s=settings.stale_after_s)
+    alerts = AlertEngine(store, settings.base_url)
     ctx = ServerContext(
         settings=settings,
         store=store,
-        writer=IngestWriter(store),
+        writer=IngestWriter(store, on_commit=alerts.submit),
+        alerts=alerts,
         auth=Authenticator(store, enabled=settings.auth, cache_s=settings.token_cache_s),
         delivery=DeliveryWorker(store, settings),
     )
@@ -44,6 +48,9 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         migrate.check_schema(engine, settings.database_url)
+        if ctx.delivery is not None:
+            alerts.on_notify = ctx.delivery.wake
+        alerts.start()
         ctx.writer.start()
         if ctx.delivery is not None:
             ctx.delivery.start()
@@ -51,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             ctx.writer.stop()
+            alerts.stop()  # after the writer: it evaluates the last batches and saves detector state
             if ctx.delivery is not None:
                 ctx.delivery.stop()
             engine.dispose()
@@ -65,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.trimtab = ctx
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(alerts_router)
     app.include_router(sinks_router)
     app.add_api_websocket_route(WS_PATH, agent_socket)
 

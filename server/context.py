@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trimtab.server.alerts import AlertEngine
 from trimtab.server.auth import Authenticator
 from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.ingest import IngestWriter
@@ -17,4 +18,5 @@ class ServerContext:
     store: Store
     writer: IngestWriter
     auth: Authenticator
+    alerts: AlertEngine | None = None  # runs the alert rules on committed batches
     delivery: DeliveryWorker | None = None  # sends the alert outbox; wake() it after queueing

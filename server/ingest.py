@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -47,8 +47,11 @@ class Job:
 
 
 class IngestWriter:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_commit: Callable[[list[tuple[int, int, Batch]]], None] | None = None) -> None:
         self.store = store
+        # Called on the writer thread after each commit with the (run id, rank, batch) newly
+        # stored, before they are acked; must not block (the alert engine queues them).
+        self.on_commit = on_commit
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._keys: OrderedDict[tuple[int, int, str, str], int] = OrderedDict()  # (run, rank, kind, name), LRU
         self._thread = threading.Thread(target=self._main, name="trimtab-ingest", daemon=True)
@@ -113,6 +116,12 @@ class IngestWriter:
             message = f"the server cannot store batch {job.batch.seq} ({type(exc).__name__}); it is dropped"
             job.future.set_exception(ProtocolError(ErrorCode.INVALID_BATCH, message, seq=job.batch.seq))
             return
+        if self.on_commit is not None:
+            stored = [(j.run_id, j.rank, j.batch) for j, r in zip(group, results, strict=True) if r == STORED]
+            try:
+                self.on_commit(stored)
+            except Exception:
+                logger.exception("ingest: the commit hook failed; the batches are stored and acked regardless")
         for job, result in zip(group, results, strict=True):
             job.future.set_result(result)
 

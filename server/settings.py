@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     hello_timeout_s: float = 10.0
     # How long a verified token is remembered before the database is asked again.
     token_cache_s: float = 10.0
+    # The server's address as people reach it, for the run links in alerts (default
+    # http://{host}:{port}; set it behind a proxy or on a non-loopback bind).
+    public_url: str | None = None
     # Alert delivery to sinks (delivery.py): a request gives up after delivery_timeout_s; a
     # failed one is retried after a random wait in [0, min(cap, base * 2^(attempt-1))] until
     # it is delivery_max_age_s old or has had delivery_max_attempts tries, then it is dead.
@@ -55,6 +58,10 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or f"sqlite:///{self.data_dir / 'trimtab.db'}"
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
     @property
     def embedded(self) -> bool:

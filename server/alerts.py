@@ -1,0 +1,565 @@
+"""The alert engine: runs the effective rules on the ingest stream, on a thread of its own.
+
+The ingest writer hands over each committed batch (``submit``); the engine feeds every
+point of a matched key to the ``RuleEvaluator`` of its (run, rank, rule, key) "slot" and
+turns findings into alert rows: a finding opens an alert or folds into the firing one
+(warning -> critical is an escalation); ``resolve_after_steps`` steps of the key without a
+finding, the run finishing, or the rule going away resolve it. Every notification is an
+outbox row (``outbox.enqueue``) written in the same transaction as the alert change.
+
+Restarts: each slot's evaluator state and the last step it saw of each key are saved to
+``detector_states`` when the slot is created and then every ``state_interval_s`` while it
+changes. A slot used for the first time by this process restores that state and replays the
+stored points after those steps, so nothing is missed; a finding at or before the last step
+of the slot's newest alert was already handled and is ignored, so nothing is alerted twice.
+Points of a key arriving at or before the last step seen of it are not fed (detectors see
+each series in step order).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from trimtab.detectors import CRITICAL, WARNING, Finding, RuleEvaluator, RuleSpec
+from trimtab.protocol import Batch
+from trimtab.server import alert_store as db
+from trimtab.server.alert_rules import effective
+from trimtab.server.alert_store import OpenAlert
+from trimtab.server.store import Store
+from trimtab.server.tables import runs
+
+logger = logging.getLogger("trimtab.server")
+
+# Points waiting for the engine past which a batch is not queued itself: its (run, rank)
+# is marked for a catch-up that replays the stored points instead (bounded memory).
+QUEUE_MAX_POINTS = 1_000_000
+STATE_INTERVAL_S = 2.0  # dirty detector states are saved this often
+RULES_TTL_S = 5.0  # a run's rules are read again this often (changes made on other replicas)
+IDLE_EVICT_S = 600.0  # a run without batches this long leaves memory (its state is saved)
+NO_STEP = -(2**63)  # detector_states.step of a slot that has seen nothing of its key
+
+
+@dataclass
+class Slot:
+    """One rule on one matched key of one (run, rank)."""
+
+    rank: int
+    spec: RuleSpec
+    key: str
+    evaluator: RuleEvaluator
+    seen: dict[str, int | None]  # watched key -> last step fed (None: nothing yet)
+    open: OpenAlert | None
+    handled: int | None  # last step of this slot's newest alert
+    dirty: bool = False
+    last_op: _Op | None = None  # the newest op of the batch being processed, to coalesce folds
+
+    @property
+    def ident(self) -> tuple[int, str, str]:
+        return (self.rank, self.spec.name, self.key)
+
+    def state_row(self, run_id: int) -> dict[str, Any]:
+        step = self.seen.get(self.key)
+        return {
+            "run_id": run_id,
+            "rank": self.rank,
+            "rule_name": self.spec.name,
+            "key": self.key,
+            "state": {"evaluator": self.evaluator.state(), "seen": dict(self.seen)},
+            "step": NO_STEP if step is None else step,
+        }
+
+
+@dataclass
+class _Op:
+    kind: str  # open | fold | escalate | resolve
+    slot: Slot | None
+    alert: OpenAlert
+    finding: Finding | None = None
+    count: int = 1  # findings a fold stands for
+    reason: str = ""
+
+
+@dataclass
+class RunState:
+    run_id: int
+    project_id: int
+    rules: list[RuleSpec] = field(default_factory=list)  # enabled effective rules
+    rules_at: float = float("-inf")  # monotonic time they were read
+    slots: dict[tuple[int, str, str], Slot] = field(default_factory=dict)
+    routes: dict[tuple[int, str], list[Slot]] = field(default_factory=dict)  # (rank, key) -> slots fed by it
+    matches: dict[str, list[RuleSpec]] = field(default_factory=dict)  # key -> enabled rules matching it
+    last_active: float = 0.0
+
+    def specs_for(self, key: str) -> list[RuleSpec]:
+        found = self.matches.get(key)
+        if found is None:
+            found = self.matches[key] = [spec for spec in self.rules if spec.matches(key)]
+        return found
+
+    def add(self, slot: Slot) -> None:
+        self.slots[slot.ident] = slot
+        for key in slot.evaluator.keys:
+            self.routes.setdefault((slot.rank, key), []).append(slot)
+
+    def remove(self, slot: Slot) -> None:
+        del self.slots[slot.ident]
+        for key in slot.evaluator.keys:
+            routed = self.routes.get((slot.rank, key), [])
+            if slot in routed:
+                routed.remove(slot)
+
+
+@dataclass(frozen=True)
+class _Feed:
+    run_id: int
+    rank: int
+    batch: Batch
+
+
+@dataclass(frozen=True)
+class _CatchUp:
+    run_id: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class _RunFinished:
+    run_id: int
+
+
+@dataclass(frozen=True)
+class _RulesChanged:
+    project_id: int
+
+
+@dataclass(frozen=True)
+class _Barrier:
+    done: threading.Event
+
+
+_Item = _Feed | _CatchUp | _RunFinished | _RulesChanged | _Barrier | None
+
+
+@dataclass
+class EngineStats:
+    points: int = 0  # fed to evaluators
+    findings: int = 0
+    opened: int = 0
+    notifications: int = 0  # outbox rows written
+    catch_ups: int = 0  # batches replayed from the database instead of queued
+    failures: int = 0  # items whose processing failed (their run is reloaded and replayed)
+
+
+class AlertEngine:
+    def __init__(
+        self,
+        store: Store,
+        base_url: str,
+        *,
+        state_interval_s: float = STATE_INTERVAL_S,
+        rules_ttl_s: float = RULES_TTL_S,
+        queue_max_points: int = QUEUE_MAX_POINTS,
+    ) -> None:
+        self.store = store
+        self.base_url = base_url
+        self.state_interval_s = state_interval_s
+        self.rules_ttl_s = rules_ttl_s
+        self.queue_max_points = queue_max_points
+        self.on_notify: Callable[[], None] | None = None  # called after a commit that queued notifications
+        self.stats = EngineStats()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued_points = 0
+        self._catch_up_marked: set[tuple[int, int]] = set()
+        self._runs: dict[int, RunState] = {}
+        self._thread = threading.Thread(target=self._main, name="trimtab-alerts", daemon=True)
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Process what is queued (for up to ``timeout``), save every state, stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, jobs: Iterable[tuple[int, int, Batch]]) -> None:
+        """Committed batches, from the ingest writer; never blocks."""
+        for run_id, rank, batch in jobs:
+            if not batch.scalars and not batch.events:
+                continue
+            n = batch.n_points
+            with self._lock:
+                if self._queued_points + n > self.queue_max_points:
+                    if (run_id, rank) in self._catch_up_marked:
+                        continue
+                    self._catch_up_marked.add((run_id, rank))
+                    self.stats.catch_ups += 1
+                    item: _Item = _CatchUp(run_id, rank)
+                else:
+                    self._queued_points += n
+                    item = _Feed(run_id, rank, batch)
+            self._queue.put(item)
+
+    def run_finished(self, run_id: int) -> None:
+        self._queue.put(_RunFinished(run_id))
+
+    def rules_changed(self, project_id: int) -> None:
+        self._queue.put(_RulesChanged(project_id))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued before this call is processed."""
+        done = threading.Event()
+        self._queue.put(_Barrier(done))
+        return done.wait(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+    def _main(self) -> None:
+        next_save = time.monotonic() + self.state_interval_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, next_save - time.monotonic()))
+            except queue.Empty:
+                item = _Barrier(threading.Event())  # nothing to do but the periodic save
+            if item is None:
+                self._save_states(everything=True)
+                return
+            self._handle(item)
+            if time.monotonic() >= next_save:
+                self._save_states()
+                self._evict_idle()
+                next_save = time.monotonic() + self.state_interval_s
+
+    def _handle(self, item: _Item) -> None:
+        run_id = getattr(item, "run_id", None)
+        try:
+            if isinstance(item, _Feed):
+                with self._lock:
+                    self._queued_points -= item.batch.n_points
+                self._feed(item.run_id, item.rank, item.batch)
+            elif isinstance(item, _CatchUp):
+                with self._lock:
+                    self._catch_up_marked.discard((item.run_id, item.rank))
+                self._catch_up(item.run_id, item.rank)
+            elif isinstance(item, _RunFinished):
+                self._finish_run(item.run_id)
+            elif isinstance(item, _RulesChanged):
+                self._rules_changed(item.project_id)
+            elif isinstance(item, _Barrier):
+                item.done.set()
+        except Exception:
+            self.stats.failures += 1
+            logger.exception("alert engine: %s failed; the run's detectors reload and replay", type(item).__name__)
+            if run_id is not None:
+                self._runs.pop(run_id, None)  # memory may be ahead of the database: rebuild from it
+
+    # ------------------------------------------------------------------ runs and rules
+    def _run_state(self, conn: Connection, run_id: int) -> RunState | None:
+        rs = self._runs.get(run_id)
+        if rs is None:
+            project_id = conn.execute(select(runs.c.project_id).where(runs.c.id == run_id)).scalar()
+            if project_id is None:
+                return None  # deleted meanwhile
+            rs = self._runs[run_id] = RunState(run_id, int(project_id))
+        rs.last_active = time.monotonic()
+        return rs
+
+    def _reload_rules(self, conn: Connection, rs: RunState, ops: list[_Op] | None = None) -> list[_Op]:
+        """Read the run's rules again and bring its slots in line; returns resolve ops for
+        alerts whose rule is gone, disabled, or no longer matches their key."""
+        ops = [] if ops is None else ops
+        rs.rules = [r.spec for r in effective(conn, rs.project_id, rs.run_id) if r.spec.enabled]
+        rs.rules_at = time.monotonic()
+        rs.matches.clear()
+        by_name = {spec.name: spec for spec in rs.rules}
+        for slot in list(rs.slots.values()):
+            spec = by_name.get(slot.spec.name)
+            if spec == slot.spec:
+                continue
+            if spec is None or not spec.matches(slot.key):
+                rs.remove(slot)
+                if slot.open is not None:
+                    ops.append(_Op("resolve", slot, slot.open, reason=db.RULE_REMOVED))
+                    slot.open = None
+                continue
+            rs.remove(slot)
+            if spec.fingerprint() == slot.spec.fingerprint():
+                slot.evaluator = RuleEvaluator.restore(spec, slot.key, slot.evaluator.state())
+            else:  # other detector settings: start afresh from the next points
+                slot.evaluator = RuleEvaluator(spec, slot.key)
+                start = min((s for s in slot.seen.values() if s is not None), default=None)
+                slot.seen = {k: slot.seen.get(k, start) for k in slot.evaluator.keys}
+            slot.spec = spec
+            slot.dirty = True
+            rs.add(slot)
+        return ops
+
+    def _slot(
+        self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, start: int | None, ops: list[_Op]
+    ) -> Slot:
+        """The slot, from memory, else restored from its saved state (then caught up from the
+        stored points), else fresh: having seen everything up to ``start``."""
+        ident = (rank, spec.name, key)
+        slot = rs.slots.get(ident)
+        if slot is not None:
+            return slot
+        history = db.slot_history(conn, rs.run_id, rank, spec.name, key)
+        saved = db.load_state(conn, rs.run_id, rank, spec.name, key)
+        evaluator: RuleEvaluator | None = None
+        seen: dict[str, int | None] = {}
+        if saved is not None:
+            try:
+                evaluator = RuleEvaluator.restore(spec, key, saved["evaluator"])
+                seen = {str(k): None if v is None else int(v) for k, v in dict(saved["seen"]).items()}
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.info("alert engine: run %s %s on %r starts afresh (%s)", rs.run_id, spec.name, key, exc)
+                evaluator = None
+        fresh = evaluator is None
+        if evaluator is None:
+            evaluator = RuleEvaluator(spec, key)
+            seen = {}
+        slot = Slot(
+            rank=rank,
+            spec=spec,
+            key=key,
+            evaluator=evaluator,
+            seen={k: seen.get(k, start) for k in evaluator.keys},
+            open=history.open,
+            handled=history.handled_step,
+            dirty=True,
+        )
+        rs.add(slot)
+        if fresh:
+            db.save_states(conn, [slot.state_row(rs.run_id)], self.store.sqlite)  # a crash replays from here
+        else:
+            self._replay(conn, rs, slot, ops)
+        return slot
+
+    def _replay(self, conn: Connection, rs: RunState, slot: Slot, ops: list[_Op]) -> None:
+        """Feed the slot the stored points it has not seen, in step order across its keys."""
+        series = [
+            [(step, i, key, value) for step, value in db.points_after(conn, rs.run_id, slot.rank, key, slot.seen[key])]
+            for i, key in enumerate(slot.evaluator.keys)
+        ]
+        for step, _, key, value in heapq.merge(*series):
+            self._point(slot, key, step, value, ops)
+
+    # ------------------------------------------------------------------ feeding
+    def _feed(self, run_id: int, rank: int, batch: Batch) -> None:
+        ops: list[_Op] = []
+        with self.store.transaction() as conn:
+            rs = self._run_state(conn, run_id)
+            if rs is None:
+                return
+            self._reload_if_stale(conn, rs, ops)
+            scalars = [s for s in batch.scalars if len(s)]
+            firsts = {s.key: min(s.steps) for s in scalars}
+            for s in scalars:
+                for spec in rs.specs_for(s.key):
+                    watched = spec.watched_keys(s.key)
+                    start = min(firsts[k] for k in watched if k in firsts) - 1
+                    self._slot(conn, rs, rank, spec, s.key, start, ops)
+        for s in scalars:
+            routed = rs.routes.get((rank, s.key))
+            if not routed:
+                continue
+            for slot in list(routed):
+                self._series(slot, s.key, s.steps, s.values, ops)
+        provenance = [(e.step, e.data) for e in batch.events if e.kind == "nonfinite" and e.step is not None]
+        self._write(rs, ops, provenance=[(rank, step, data) for step, data in provenance])
+
+    def _reload_if_stale(self, conn: Connection, rs: RunState, ops: list[_Op]) -> None:
+        if time.monotonic() - rs.rules_at > self.rules_ttl_s:
+            self._reload_rules(conn, rs, ops)
+
+    def _series(self, slot: Slot, key: str, steps: Sequence[int], values: Sequence[float], ops: list[_Op]) -> None:
+        seen = slot.seen[key]
+        if seen is not None and max(steps) <= seen:
+            return  # replayed from the database already
+        for step, value in zip(steps, values, strict=True):
+            self._point(slot, key, step, value, ops)
+
+    def _point(self, slot: Slot, key: str, step: int, value: float, ops: list[_Op]) -> None:
+        seen = slot.seen[key]
+        if seen is not None and step <= seen:
+            return
+        slot.seen[key] = step
+        slot.dirty = True
+        self.stats.points += 1
+        alert = slot.open
+        if alert is not None and key == slot.key and step - alert.last_step >= slot.spec.resolve_after_steps:
+            self._op(slot, _Op("resolve", slot, alert, reason=db.QUIET), ops)
+            slot.open = alert = None
+        found = slot.evaluator.update(key, step, value)
+        if found is None or (slot.handled is not None and found.step <= slot.handled):
+            return
+        self.stats.findings += 1
+        slot.handled = found.step
+        if alert is None:
+            slot.open = OpenAlert(0, found.severity, found.step, False)
+            self._op(slot, _Op("open", slot, slot.open, found), ops)
+            return
+        alert.last_step = max(alert.last_step, found.step)
+        if alert.severity == WARNING and found.severity == CRITICAL:
+            alert.severity = CRITICAL
+            self._op(slot, _Op("escalate", slot, alert, found), ops)
+            return
+        last = slot.last_op
+        if last is not None and last.kind == "fold" and last.alert is alert:
+            last.count += 1
+            last.finding = found
+            return
+        self._op(slot, _Op("fold", slot, alert, found), ops)
+
+    @staticmethod
+    def _op(slot: Slot, op: _Op, ops: list[_Op]) -> None:
+        ops.append(op)
+        slot.last_op = op
+
+    def _catch_up(self, run_id: int, rank: int) -> None:
+        """Replay what the queue had no room for: the stored points after each slot's last seen
+        step, for every slot of the (run, rank), including keys new to the engine."""
+        ops: list[_Op] = []
+        with self.store.transaction() as conn:
+            rs = self._run_state(conn, run_id)
+            if rs is None:
+                return
+            self._reload_if_stale(conn, rs, ops)
+            for key in db.scalar_keys(conn, run_id, rank):
+                for spec in rs.specs_for(key):
+                    self._slot(conn, rs, rank, spec, key, None, ops)
+            for slot in list(rs.slots.values()):
+                if slot.rank == rank:
+                    self._replay(conn, rs, slot, ops)
+        self._write(rs, ops)
+
+    # ------------------------------------------------------------------ writing
+    def _write(self, rs: RunState, ops: list[_Op], provenance: Sequence[tuple[int, int, Any]] = ()) -> None:
+        if not ops and not provenance:
+            return
+        notified = 0
+        with self.store.transaction() as conn:
+            now = time.time()
+            for op in ops:
+                notified += self._apply(conn, rs, op, now)
+            for rank, step, data in provenance:
+                db.add_provenance(conn, rs.run_id, rank, step, data if isinstance(data, dict) else {"data": data})
+        for op in ops:
+            if op.slot is not None:
+                op.slot.last_op = None
+        self._woke(notified)
+
+    def _apply(self, conn: Connection, rs: RunState, op: _Op, now: float) -> int:
+        alert, found = op.alert, op.finding
+        if op.kind == "resolve":
+            if db.resolve(conn, alert.id, op.reason, now) and alert.notified:
+                return self._notify(conn, alert.id, "resolved")
+            return 0
+        assert found is not None and op.slot is not None
+        slot = op.slot
+        if op.kind == "open":
+            alert.notified = not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
+            alert.id = db.open_alert(
+                conn,
+                run_id=rs.run_id,
+                project_id=rs.project_id,
+                rank=slot.rank,
+                rule=slot.spec.name,
+                key=slot.key,
+                remedy=slot.spec.remedy,
+                finding=found,
+                notified=alert.notified,
+                now=now,
+            )
+            self.stats.opened += 1
+            return self._notify(conn, alert.id, "firing") if alert.notified else 0
+        escalate = op.kind == "escalate"
+        if escalate:
+            alert.notified = True  # an escalation is news even for an alert that opened in cooldown
+        db.fold(conn, alert, found, op.count, alert.severity, alert.notified, now)
+        return self._notify(conn, alert.id, "escalated") if escalate else 0
+
+    def _notify(self, conn: Connection, alert_id: int, event: str) -> int:
+        from trimtab.server import outbox
+
+        queued = outbox.enqueue(conn, alert_id, event, db.payload_of(conn, alert_id, self.base_url))
+        self.stats.notifications += queued
+        return queued
+
+    def _woke(self, notified: int) -> None:
+        if notified and self.on_notify is not None:
+            try:
+                self.on_notify()
+            except Exception:
+                logger.exception("alert engine: waking the delivery worker failed")
+
+    def _finish_run(self, run_id: int) -> None:
+        """The run finished (rank 0's bye): every firing alert of it resolves."""
+        notified = 0
+        with self.store.transaction() as conn:
+            now = time.time()
+            for alert_id, was_notified in db.firing_of_run(conn, run_id):
+                if db.resolve(conn, alert_id, db.RUN_FINISHED, now) and was_notified:
+                    notified += self._notify(conn, alert_id, "resolved")
+        rs = self._runs.get(run_id)
+        if rs is not None:
+            for slot in rs.slots.values():
+                slot.open = None
+        self._woke(notified)
+
+    def _rules_changed(self, project_id: int) -> None:
+        """Rules of the project changed: reconcile the runs in memory now, and resolve the
+        firing alerts (of any run) whose rule is no longer in force."""
+        notified = 0
+        for rs in [rs for rs in self._runs.values() if rs.project_id == project_id]:
+            ops: list[_Op] = []
+            with self.store.transaction() as conn:
+                self._reload_rules(conn, rs, ops)
+            self._write(rs, ops)
+        with self.store.transaction() as conn:
+            now = time.time()
+            in_force: dict[int, set[str]] = {}
+            for alert_id, run_id, rule, was_notified in db.firing_of_project(conn, project_id):
+                if run_id not in in_force:
+                    in_force[run_id] = {r.spec.name for r in effective(conn, project_id, run_id) if r.spec.enabled}
+                if rule in in_force[run_id]:
+                    continue
+                if db.resolve(conn, alert_id, db.RULE_REMOVED, now) and was_notified:
+                    notified += self._notify(conn, alert_id, "resolved")
+        self._woke(notified)
+
+    # ------------------------------------------------------------------ state
+    def _save_states(self, everything: bool = False) -> None:
+        rows = []
+        dirty = []
+        for rs in self._runs.values():
+            for slot in rs.slots.values():
+                if slot.dirty or everything:
+                    rows.append(slot.state_row(rs.run_id))
+                    dirty.append(slot)
+        if not rows:
+            return
+        try:
+            with self.store.transaction() as conn:
+                db.save_states(conn, rows, self.store.sqlite)
+        except Exception:
+            logger.exception("alert engine: saving detector states failed; retrying at the next save")
+            return
+        for slot in dirty:
+            slot.dirty = False
+
+    def _evict_idle(self) -> None:
+        cutoff = time.monotonic() - IDLE_EVICT_S
+        for run_id in [r for r, rs in self._runs.items() if rs.last_active < cutoff]:
+            rs = self._runs[run_id]
+            if not any(slot.dirty for slot in rs.slots.values()):
+                del self._runs[run_id]
