@@ -102,7 +102,7 @@ def test_slack_message_is_readable(store: Store, start_worker: StartWorker) -> N
     flat = str(firing["blocks"])
     for expected in ("*Project*\\nllm", "*Step*\\n41", "*Value*\\nNaN", "*Baseline*\\n2.5", "What to try", "Lower the"):
         assert expected in flat, expected
-    [button] = [b for b in firing["blocks"] if b["type"] == "actions"][0]["elements"]
+    [button] = next(b for b in firing["blocks"] if b["type"] == "actions")["elements"]
     assert button["url"].startswith("http://trimtab.example/runs/")
     assert resolved["text"].startswith(":white_check_mark: RESOLVED nonfinite-loss")
     assert "What to try" not in str(resolved["blocks"])
@@ -147,11 +147,14 @@ def test_hanging_receiver_does_not_delay_another_sink(store: Store, start_worker
 
 
 @pytest.mark.parametrize("answer", [404, 500, GARBAGE, "refused", HANG], ids=str)
-def test_broken_receiver_ends_dead_with_its_error(
-    store: Store, start_worker: StartWorker, answer: int | str
-) -> None:
-    expected = {404: "HTTP 404: receiver says no", 500: "HTTP 500", GARBAGE: "RemoteProtocolError", "refused": "cannot connect",
-                HANG: "no answer within 0.5 s"}[answer]  # fmt: skip
+def test_broken_receiver_ends_dead_with_its_error(store: Store, start_worker: StartWorker, answer: int | str) -> None:
+    expected = {
+        404: "HTTP 404: receiver says no",
+        500: "HTTP 500",
+        GARBAGE: "RemoteProtocolError",
+        "refused": "cannot connect",
+        HANG: "no answer within 0.5 s",
+    }[answer]
     with receiver(lambda n: answer if isinstance(answer, int) else OK) as hook, receiver() as other:
         url = f"http://127.0.0.1:{free_port()}/hook" if answer == "refused" else hook.url
         add_sink(store, url)
