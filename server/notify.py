@@ -160,7 +160,7 @@ def slack_message(event: str, alert: dict[str, Any]) -> dict[str, Any]:
 
 
 def sample_alert(sink_id: int, public_url: str | None) -> dict[str, Any]:
-    """A made-up alert for ``POST /sinks/{id}/test``, shaped like a real one."""
+    """A made-up alert for ``POST /sinks/{id}/test``, shaped like a real one (``alert_store.alert_payload``)."""
     return {
         "id": 0,
         "project": "trimtab-test",
@@ -181,6 +181,10 @@ def sample_alert(sink_id: int, public_url: str | None) -> dict[str, Any]:
         "last_step": 0,
         "count": 1,
         "fired_at": None,
+        "updated_at": None,
         "resolved_at": None,
+        "resolve_reason": None,
+        "notified": True,
+        "data": {},
         "url": public_url,
     }

@@ -124,7 +124,7 @@ async def test_sink(ctx: Ctx, sink_id: SinkId) -> TestOut:
     """Send a test message now (event `test`, signed like a real one) and report the
     receiver's answer. Nothing is queued or retried."""
     target = await run_in_threadpool(SinkStore(ctx.store).target, sink_id)
-    alert = notify.sample_alert(sink_id, None)
+    alert = notify.sample_alert(sink_id, ctx.settings.base_url)
     request = build_request(target.kind, target.secret, "test", f"test-{secrets.token_hex(8)}", alert)
     async with make_client(ctx.settings) as client:
         outcome = await send(client, target.url, request, ctx.settings.delivery_timeout_s)
