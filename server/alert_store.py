@@ -336,8 +336,11 @@ def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) 
     )
 
 
-def points_after(conn: Connection, run_id: int, rank: int, key: str, after: int | None) -> list[tuple[int, float]]:
-    """(step, value) of a rank's scalar key after step ``after`` (all when None), by step."""
+def points_after(
+    conn: Connection, run_id: int, rank: int, key: str, after: int | None, limit: int
+) -> list[tuple[int, float]]:
+    """(step, value) of a rank's scalar key after step ``after`` (all when None), by step;
+    only the last ``limit`` of them when there are more."""
     key_id = conn.execute(
         select(metric_keys.c.id).where(
             metric_keys.c.run_id == run_id,
@@ -351,8 +354,10 @@ def points_after(conn: Connection, run_id: int, rank: int, key: str, after: int 
     query = select(scalar_points.c.step, scalar_points.c.value).where(scalar_points.c.key_id == key_id)
     if after is not None:
         query = query.where(scalar_points.c.step > after)
-    rows = conn.execute(query.order_by(scalar_points.c.step, scalar_points.c.wall_time)).all()
-    return [(int(s), math.nan if v is None else float(v)) for s, v in rows]
+    rows = conn.execute(
+        query.order_by(scalar_points.c.step.desc(), scalar_points.c.wall_time.desc()).limit(limit)
+    ).all()
+    return [(int(s), math.nan if v is None else float(v)) for s, v in reversed(rows)]
 
 
 def scalar_keys(conn: Connection, run_id: int, rank: int) -> list[str]:

@@ -7,13 +7,14 @@ turns findings into alert rows: a finding opens an alert or folds into the firin
 finding, the run finishing, or the rule going away resolve it. Every notification is an
 outbox row (``outbox.enqueue``) written in the same transaction as the alert change.
 
-Restarts: each slot's evaluator state and the last step it saw of each key are saved to
-``detector_states`` when the slot is created and then every ``state_interval_s`` while it
-changes. A slot used for the first time by this process restores that state and replays the
-stored points after those steps, so nothing is missed; a finding at or before the last step
-of the slot's newest alert was already handled and is ignored, so nothing is alerted twice.
-Points of a key arriving at or before the last step seen of it are not fed (detectors see
-each series in step order).
+History and restarts: a slot new to this process restores its saved state (evaluator state
+and the last step it saw of each key, saved to ``detector_states`` every ``state_interval_s``
+while it changes, and at a clean stop) and is then fed the stored points after those steps;
+without a saved state that fits the rule, it starts fresh and is fed the key's stored history
+(the last ``REPLAY_MAX_POINTS``). So a rule's findings do not depend on when it was created or
+when the server restarted: nothing is missed. A finding at or before the last step of the
+slot's newest alert was already handled and is ignored, so nothing is alerted twice. Points of
+a key arriving at or before the last step seen of it are not fed (each series in step order).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ QUEUE_MAX_POINTS = 1_000_000
 STATE_INTERVAL_S = 2.0  # dirty detector states are saved this often
 RULES_TTL_S = 5.0  # a run's rules are read again this often (changes made on other replicas)
 IDLE_EVICT_S = 600.0  # a run without batches this long leaves memory (its state is saved)
-NO_STEP = -(2**63)  # detector_states.step of a slot that has seen nothing of its key
+NO_STEP = -(2**63)
+# A slot replays at most this many stored points per key (the newest): a rule new to a long run
+# starts from its recent history, not from step 0.
+REPLAY_MAX_POINTS = 200_000  # detector_states.step of a slot that has seen nothing of its key
 
 
 @dataclass
@@ -292,22 +296,17 @@ class AlertEngine:
                     slot.open = None
                 continue
             rs.remove(slot)
-            if spec.fingerprint() == slot.spec.fingerprint():
+            if spec.fingerprint() == slot.spec.fingerprint():  # severity, remedy, cooldown...: same state
                 slot.evaluator = RuleEvaluator.restore(spec, slot.key, slot.evaluator.state())
-            else:  # other detector settings: start afresh from the next points
-                slot.evaluator = RuleEvaluator(spec, slot.key)
-                start = min((s for s in slot.seen.values() if s is not None), default=None)
-                slot.seen = {k: slot.seen.get(k, start) for k in slot.evaluator.keys}
-            slot.spec = spec
-            slot.dirty = True
-            rs.add(slot)
+                slot.spec = spec
+                slot.dirty = True
+                rs.add(slot)
+            # else other detector settings: the slot is rebuilt from the key's history when next used
         return ops
 
-    def _slot(
-        self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, start: int | None, ops: list[_Op]
-    ) -> Slot:
-        """The slot, from memory, else restored from its saved state (then caught up from the
-        stored points), else fresh: having seen everything up to ``start``."""
+    def _slot(self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, ops: list[_Op]) -> Slot:
+        """The slot, from memory, else restored from its saved state, else fresh; either way
+        then fed the stored points it has not seen (all of them, for a fresh one)."""
         ident = (rank, spec.name, key)
         slot = rs.slots.get(ident)
         if slot is not None:
@@ -323,7 +322,6 @@ class AlertEngine:
             except (ValueError, KeyError, TypeError) as exc:
                 logger.info("alert engine: run %s %s on %r starts afresh (%s)", rs.run_id, spec.name, key, exc)
                 evaluator = None
-        fresh = evaluator is None
         if evaluator is None:
             evaluator = RuleEvaluator(spec, key)
             seen = {}
@@ -332,22 +330,22 @@ class AlertEngine:
             spec=spec,
             key=key,
             evaluator=evaluator,
-            seen={k: seen.get(k, start) for k in evaluator.keys},
+            seen={k: seen.get(k) for k in evaluator.keys},
             open=history.open,
             handled=history.handled_step,
             dirty=True,
         )
         rs.add(slot)
-        if fresh:
-            db.save_states(conn, [slot.state_row(rs.run_id)], self.store.sqlite)  # a crash replays from here
-        else:
-            self._replay(conn, rs, slot, ops)
+        self._replay(conn, rs, slot, ops)
         return slot
 
     def _replay(self, conn: Connection, rs: RunState, slot: Slot, ops: list[_Op]) -> None:
         """Feed the slot the stored points it has not seen, in step order across its keys."""
         series = [
-            [(step, i, key, value) for step, value in db.points_after(conn, rs.run_id, slot.rank, key, slot.seen[key])]
+            [
+                (step, i, key, value)
+                for step, value in db.points_after(conn, rs.run_id, slot.rank, key, slot.seen[key], REPLAY_MAX_POINTS)
+            ]
             for i, key in enumerate(slot.evaluator.keys)
         ]
         for step, _, key, value in heapq.merge(*series):
@@ -362,12 +360,9 @@ class AlertEngine:
                 return
             self._reload_if_stale(conn, rs, ops)
             scalars = [s for s in batch.scalars if len(s)]
-            firsts = {s.key: min(s.steps) for s in scalars}
             for s in scalars:
                 for spec in rs.specs_for(s.key):
-                    watched = spec.watched_keys(s.key)
-                    start = min(firsts[k] for k in watched if k in firsts) - 1
-                    self._slot(conn, rs, rank, spec, s.key, start, ops)
+                    self._slot(conn, rs, rank, spec, s.key, ops)
         for s in scalars:
             routed = rs.routes.get((rank, s.key))
             if not routed:
@@ -395,30 +390,39 @@ class AlertEngine:
         slot.seen[key] = step
         slot.dirty = True
         self.stats.points += 1
-        alert = slot.open
-        if alert is not None and key == slot.key and step - alert.last_step >= slot.spec.resolve_after_steps:
-            self._op(slot, _Op("resolve", slot, alert, reason=db.QUIET), ops)
-            slot.open = alert = None
+        if key == slot.key:
+            self._quiet(slot, ops)  # before this step's finding, which would open a new alert
         found = slot.evaluator.update(key, step, value)
         if found is None or (slot.handled is not None and found.step <= slot.handled):
             return
         self.stats.findings += 1
         slot.handled = found.step
+        alert = slot.open
         if alert is None:
             slot.open = OpenAlert(0, found.severity, found.step, False)
             self._op(slot, _Op("open", slot, slot.open, found), ops)
-            return
-        alert.last_step = max(alert.last_step, found.step)
-        if alert.severity == WARNING and found.severity == CRITICAL:
+        elif alert.severity == WARNING and found.severity == CRITICAL:
             alert.severity = CRITICAL
+            alert.last_step = max(alert.last_step, found.step)
             self._op(slot, _Op("escalate", slot, alert, found), ops)
-            return
-        last = slot.last_op
-        if last is not None and last.kind == "fold" and last.alert is alert:
-            last.count += 1
-            last.finding = found
-            return
-        self._op(slot, _Op("fold", slot, alert, found), ops)
+        else:
+            alert.last_step = max(alert.last_step, found.step)
+            last = slot.last_op
+            if last is not None and last.kind == "fold" and last.alert is alert:
+                last.count += 1
+                last.finding = found
+            else:
+                self._op(slot, _Op("fold", slot, alert, found), ops)
+        if key != slot.key:
+            # A finding confirmed late (by the other key) may already be followed by enough quiet steps
+            self._quiet(slot, ops)
+
+    def _quiet(self, slot: Slot, ops: list[_Op]) -> None:
+        """Resolve the slot's alert once its key has gone ``resolve_after_steps`` steps past it."""
+        alert, seen = slot.open, slot.seen[slot.key]
+        if alert is not None and seen is not None and seen - alert.last_step >= slot.spec.resolve_after_steps:
+            self._op(slot, _Op("resolve", slot, alert, reason=db.QUIET), ops)
+            slot.open = None
 
     @staticmethod
     def _op(slot: Slot, op: _Op, ops: list[_Op]) -> None:
@@ -436,7 +440,7 @@ class AlertEngine:
             self._reload_if_stale(conn, rs, ops)
             for key in db.scalar_keys(conn, run_id, rank):
                 for spec in rs.specs_for(key):
-                    self._slot(conn, rs, rank, spec, key, None, ops)
+                    self._slot(conn, rs, rank, spec, key, ops)
             for slot in list(rs.slots.values()):
                 if slot.rank == rank:
                     self._replay(conn, rs, slot, ops)

@@ -262,9 +262,10 @@ def test_nan_provenance_from_the_event_lands_in_the_alert(rig: Rig) -> None:
     assert alert["data"]["provenance"] == where
 
 
-def _training(seed: int, n: int = 1000) -> dict[str, list[tuple[int, float]]]:
+def training_series(seed: int, n: int = 1000) -> dict[str, list[tuple[int, float]]]:
     """Loss and grad norm with noise, a joint spike at 300 (confirmed loss spike, gross
-    magnitude), NaN losses at 600 and 650-655, and a warning-level threshold key."""
+    magnitude), NaN losses at 600, 650-655 and at the last step (an alert still firing at the
+    end), and attention logits over the default limit at 800-804."""
     rng = random.Random(seed)
     loss, grad, logit = [], [], []
     for s in range(n):
@@ -272,7 +273,7 @@ def _training(seed: int, n: int = 1000) -> dict[str, list[tuple[int, float]]]:
         gv = 1.0 + rng.gauss(0, 0.02)
         if s == 300:
             lv, gv = 60.0, 80.0
-        if s == 600 or 650 <= s <= 655:
+        if s in (600, n - 1) or 650 <= s <= 655:
             lv = math.nan
         loss.append((s, lv))
         grad.append((s, gv))
@@ -285,7 +286,7 @@ def _batches(series: dict[str, list[tuple[int, float]]], size: int = 25) -> list
     return [{k: v[i : i + size] for k, v in series.items()} for i in range(0, n, size)]
 
 
-def _comparable(alerts: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+def comparable(alerts: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     keys = (
         "rank",
         "rule",
@@ -307,12 +308,12 @@ def _comparable(alerts: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 
 def test_findings_survive_an_engine_restart_and_batches_it_never_saw(store: Store) -> None:
-    series = _batches(_training(7))
+    series = _batches(training_series(7))
     first = Rig(store)
     reference = first.run("reference")
     for b in series:
         first.send(reference, b)
-    expected = _comparable(first.alerts(reference))
+    expected = comparable(first.alerts(reference))
     assert {a[1] for a in expected} >= {"loss-spike", "loss-gross", "nonfinite-loss", "attention-logits"}
 
     restarted = first.run("restarted")
@@ -330,7 +331,7 @@ def test_findings_survive_an_engine_restart_and_batches_it_never_saw(store: Stor
     try:
         for b in series[25:]:
             second.send(restarted, b)
-        assert _comparable(second.alerts(restarted)) == expected
+        assert comparable(second.alerts(restarted)) == expected
     finally:
         second.stop()
 
@@ -349,13 +350,13 @@ def test_saved_state_names_the_last_step_seen_of_each_key(store: Store) -> None:
 
 
 def test_a_full_queue_falls_back_to_replaying_from_the_database(store: Store) -> None:
-    series = _batches(_training(11))
+    series = _batches(training_series(11))
     reference = Rig(store)
     try:
         ref = reference.run("ref")
         for b in series:
             reference.send(ref, b)
-        expected = _comparable(reference.alerts(ref))
+        expected = comparable(reference.alerts(ref))
     finally:
         reference.stop()
     squeezed = Rig(store, queue_max_points=1)  # every batch overflows: each becomes a catch-up
@@ -364,6 +365,6 @@ def test_a_full_queue_falls_back_to_replaying_from_the_database(store: Store) ->
         for b in series:
             squeezed.send(run_id, b)
         assert squeezed.engine.stats.catch_ups > 0
-        assert _comparable(squeezed.alerts(run_id)) == expected
+        assert comparable(squeezed.alerts(run_id)) == expected
     finally:
         squeezed.stop()
