@@ -80,7 +80,7 @@ async def send(client: httpx.AsyncClient, url: str, request: notify.Request, tim
         return Outcome(None, f"cannot connect: {exc or type(exc).__name__}")
     except httpx.HTTPError as exc:  # a reset, or an answer that is not HTTP
         return Outcome(None, f"{type(exc).__name__}: {exc}")
-    except OSError as exc:
+    except Exception as exc:  # an OSError, or a URL the client refuses: a failed attempt, not a dead worker
         return Outcome(None, f"{type(exc).__name__}: {exc}")
 
 
@@ -191,8 +191,12 @@ class DeliveryWorker:
             self._event.set()  # room for more, and the next row of this (alert, sink) may be due
 
     async def _deliver(self, client: httpx.AsyncClient, item: Claimed) -> None:
-        request = build_request(item.kind, item.secret, item.event, str(item.id), item.payload)
-        outcome = await send(client, item.url, request, self.settings.delivery_timeout_s)
+        try:
+            request = build_request(item.kind, item.secret, item.event, str(item.id), item.payload)
+        except Exception as exc:  # a payload that cannot be encoded: retried, then dead, never stuck
+            outcome = Outcome(None, f"cannot build the request: {type(exc).__name__}: {exc}")
+        else:
+            outcome = await send(client, item.url, request, self.settings.delivery_timeout_s)
         try:
             await asyncio.to_thread(self._record, item, outcome)
         except Exception as exc:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 from sqlalchemy import Connection, delete, func, insert, select
 
 from trimtab.errors import ErrorCode, TrimtabError
@@ -49,6 +50,10 @@ def check_url(url: str) -> str:
         raise ValueError("the URL has no host")
     if port == 0:
         raise ValueError("the URL's port must be 1-65535")
+    try:
+        httpx.URL(url)  # what the sender will parse: an IDNA host it cannot encode, say
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
     return url
 
 

@@ -77,6 +77,7 @@ def test_given_secret_is_kept_and_not_echoed(server: ServerProcess) -> None:
         ({"kind": "webhook", "url": "http://exa mple.com/"}, "whitespace"),
         ({"kind": "webhook", "url": "http://example.com:99999/"}, "not a valid URL"),
         ({"kind": "webhook", "url": "http://example.com:0/"}, "1-65535"),
+        ({"kind": "webhook", "url": "http://\u00ad.com/"}, "not a valid URL"),
         ({"kind": "webhook", "url": ""}, "url"),
         ({"kind": "webhook", "url": "https://example.com/" + "a" * 2100}, "url"),
         ({"kind": "webhook"}, "url"),
