@@ -156,7 +156,7 @@ def slack_message(event: str, alert: dict[str, Any]) -> dict[str, Any]:
                 ],
             }
         )
-    return {"text": _clip(text), "blocks": blocks}
+    return {"text": _clip(_escape(text)), "blocks": blocks}
 
 
 def sample_alert(sink_id: int, public_url: str | None) -> dict[str, Any]:
