@@ -423,6 +423,9 @@ class Watcher:
         grads_bad = bool(info.grad_index) and not math.isfinite(total)
         if self._scaling() and grads_bad and not loss_bad:
             # A GradScaler overflow: expected now and then in fp16; the scaler skips the step.
+            # Its gradient norms are inf/NaN by construction and say nothing about the run, so
+            # they are left out (a non-finite-gradient alert on every routine skip is noise).
+            record = {k: v for k, v in record.items() if not k.startswith("grad_norm/")}
             record["amp_overflow"] = 1.0
             record["nonfinite"] = 0.0
             self.sink.emit_scalars(info.step, info.wall, record)

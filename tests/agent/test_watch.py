@@ -354,6 +354,8 @@ def test_a_grad_scaler_overflow_is_not_a_nan_incident() -> None:
         opt.zero_grad()
     watcher.close()
     assert sink.scalars[1]["amp_overflow"] == 1.0 and sink.scalars[1]["nonfinite"] == 0.0
+    assert not any(k.startswith("grad_norm/") for k in sink.scalars[1])  # meaningless on a skipped step
+    assert "grad_norm/total" in sink.scalars[0]
     assert "amp_overflow" not in sink.scalars[2] and sink.scalars[2]["loss_scale"] == 2.0**15  # halved
     assert not sink.events
 
