@@ -25,16 +25,16 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, select
 
-from trimtab.detectors import CRITICAL, WARNING, Finding, RuleEvaluator, RuleSpec
+from trimtab.detectors import RuleEvaluator, RuleSpec
 from trimtab.protocol import Batch
 from trimtab.server import alert_store as db
 from trimtab.server.alert_rules import effective
-from trimtab.server.alert_store import OpenAlert
+from trimtab.server.alert_slots import EngineStats, Op, RunState, Slot, feed_point
 from trimtab.server.store import Store
 from trimtab.server.tables import runs
 
@@ -46,80 +46,9 @@ QUEUE_MAX_POINTS = 1_000_000
 STATE_INTERVAL_S = 2.0  # dirty detector states are saved this often
 RULES_TTL_S = 5.0  # a run's rules are read again this often (changes made on other replicas)
 IDLE_EVICT_S = 600.0  # a run without batches this long leaves memory (its state is saved)
-NO_STEP = -(2**63)
 # A slot replays at most this many stored points per key (the newest): a rule new to a long run
 # starts from its recent history, not from step 0.
-REPLAY_MAX_POINTS = 200_000  # detector_states.step of a slot that has seen nothing of its key
-
-
-@dataclass
-class Slot:
-    """One rule on one matched key of one (run, rank)."""
-
-    rank: int
-    spec: RuleSpec
-    key: str
-    evaluator: RuleEvaluator
-    seen: dict[str, int | None]  # watched key -> last step fed (None: nothing yet)
-    open: OpenAlert | None
-    handled: int | None  # last step of this slot's newest alert
-    dirty: bool = False
-    last_op: _Op | None = None  # the newest op of the batch being processed, to coalesce folds
-
-    @property
-    def ident(self) -> tuple[int, str, str]:
-        return (self.rank, self.spec.name, self.key)
-
-    def state_row(self, run_id: int) -> dict[str, Any]:
-        step = self.seen.get(self.key)
-        return {
-            "run_id": run_id,
-            "rank": self.rank,
-            "rule_name": self.spec.name,
-            "key": self.key,
-            "state": {"evaluator": self.evaluator.state(), "seen": dict(self.seen)},
-            "step": NO_STEP if step is None else step,
-        }
-
-
-@dataclass
-class _Op:
-    kind: str  # open | fold | escalate | resolve
-    slot: Slot | None
-    alert: OpenAlert
-    finding: Finding | None = None
-    count: int = 1  # findings a fold stands for
-    reason: str = ""
-
-
-@dataclass
-class RunState:
-    run_id: int
-    project_id: int
-    rules: list[RuleSpec] = field(default_factory=list)  # enabled effective rules
-    rules_at: float = float("-inf")  # monotonic time they were read
-    slots: dict[tuple[int, str, str], Slot] = field(default_factory=dict)
-    routes: dict[tuple[int, str], list[Slot]] = field(default_factory=dict)  # (rank, key) -> slots fed by it
-    matches: dict[str, list[RuleSpec]] = field(default_factory=dict)  # key -> enabled rules matching it
-    last_active: float = 0.0
-
-    def specs_for(self, key: str) -> list[RuleSpec]:
-        found = self.matches.get(key)
-        if found is None:
-            found = self.matches[key] = [spec for spec in self.rules if spec.matches(key)]
-        return found
-
-    def add(self, slot: Slot) -> None:
-        self.slots[slot.ident] = slot
-        for key in slot.evaluator.keys:
-            self.routes.setdefault((slot.rank, key), []).append(slot)
-
-    def remove(self, slot: Slot) -> None:
-        del self.slots[slot.ident]
-        for key in slot.evaluator.keys:
-            routed = self.routes.get((slot.rank, key), [])
-            if slot in routed:
-                routed.remove(slot)
+REPLAY_MAX_POINTS = 200_000
 
 
 @dataclass(frozen=True)
@@ -151,16 +80,6 @@ class _Barrier:
 
 
 _Item = _Feed | _CatchUp | _RunFinished | _RulesChanged | _Barrier | None
-
-
-@dataclass
-class EngineStats:
-    points: int = 0  # fed to evaluators
-    findings: int = 0
-    opened: int = 0
-    notifications: int = 0  # outbox rows written
-    catch_ups: int = 0  # batches replayed from the database instead of queued
-    failures: int = 0  # items whose processing failed (their run is reloaded and replayed)
 
 
 class AlertEngine:
@@ -277,34 +196,16 @@ class AlertEngine:
         rs.last_active = time.monotonic()
         return rs
 
-    def _reload_rules(self, conn: Connection, rs: RunState, ops: list[_Op] | None = None) -> list[_Op]:
+    def _reload_rules(self, conn: Connection, rs: RunState, ops: list[Op] | None = None) -> list[Op]:
         """Read the run's rules again and bring its slots in line; returns resolve ops for
         alerts whose rule is gone, disabled, or no longer matches their key."""
         ops = [] if ops is None else ops
         rs.rules = [r.spec for r in effective(conn, rs.project_id, rs.run_id) if r.spec.enabled]
         rs.rules_at = time.monotonic()
-        rs.matches.clear()
-        by_name = {spec.name: spec for spec in rs.rules}
-        for slot in list(rs.slots.values()):
-            spec = by_name.get(slot.spec.name)
-            if spec == slot.spec:
-                continue
-            if spec is None or not spec.matches(slot.key):
-                rs.remove(slot)
-                if slot.open is not None:
-                    ops.append(_Op("resolve", slot, slot.open, reason=db.RULE_REMOVED))
-                    slot.open = None
-                continue
-            rs.remove(slot)
-            if spec.fingerprint() == slot.spec.fingerprint():  # severity, remedy, cooldown...: same state
-                slot.evaluator = RuleEvaluator.restore(spec, slot.key, slot.evaluator.state())
-                slot.spec = spec
-                slot.dirty = True
-                rs.add(slot)
-            # else other detector settings: the slot is rebuilt from the key's history when next used
+        ops.extend(rs.reconcile())
         return ops
 
-    def _slot(self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, ops: list[_Op]) -> Slot:
+    def _slot(self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, ops: list[Op]) -> Slot:
         """The slot, from memory, else restored from its saved state, else fresh; either way
         then fed the stored points it has not seen (all of them, for a fresh one)."""
         ident = (rank, spec.name, key)
@@ -339,7 +240,7 @@ class AlertEngine:
         self._replay(conn, rs, slot, ops)
         return slot
 
-    def _replay(self, conn: Connection, rs: RunState, slot: Slot, ops: list[_Op]) -> None:
+    def _replay(self, conn: Connection, rs: RunState, slot: Slot, ops: list[Op]) -> None:
         """Feed the slot the stored points it has not seen, in step order across its keys."""
         series = [
             [
@@ -349,11 +250,11 @@ class AlertEngine:
             for i, key in enumerate(slot.evaluator.keys)
         ]
         for step, _, key, value in heapq.merge(*series):
-            self._point(slot, key, step, value, ops)
+            feed_point(slot, key, step, value, ops, self.stats)
 
     # ------------------------------------------------------------------ feeding
     def _feed(self, run_id: int, rank: int, batch: Batch) -> None:
-        ops: list[_Op] = []
+        ops: list[Op] = []
         with self.store.transaction() as conn:
             rs = self._run_state(conn, run_id)
             if rs is None:
@@ -372,67 +273,21 @@ class AlertEngine:
         provenance = [(e.step, e.data) for e in batch.events if e.kind == "nonfinite" and e.step is not None]
         self._write(rs, ops, provenance=[(rank, step, data) for step, data in provenance])
 
-    def _reload_if_stale(self, conn: Connection, rs: RunState, ops: list[_Op]) -> None:
+    def _reload_if_stale(self, conn: Connection, rs: RunState, ops: list[Op]) -> None:
         if time.monotonic() - rs.rules_at > self.rules_ttl_s:
             self._reload_rules(conn, rs, ops)
 
-    def _series(self, slot: Slot, key: str, steps: Sequence[int], values: Sequence[float], ops: list[_Op]) -> None:
+    def _series(self, slot: Slot, key: str, steps: Sequence[int], values: Sequence[float], ops: list[Op]) -> None:
         seen = slot.seen[key]
         if seen is not None and max(steps) <= seen:
             return  # replayed from the database already
         for step, value in zip(steps, values, strict=True):
-            self._point(slot, key, step, value, ops)
-
-    def _point(self, slot: Slot, key: str, step: int, value: float, ops: list[_Op]) -> None:
-        seen = slot.seen[key]
-        if seen is not None and step <= seen:
-            return
-        slot.seen[key] = step
-        slot.dirty = True
-        self.stats.points += 1
-        if key == slot.key:
-            self._quiet(slot, ops)  # before this step's finding, which would open a new alert
-        found = slot.evaluator.update(key, step, value)
-        if found is None or (slot.handled is not None and found.step <= slot.handled):
-            return
-        self.stats.findings += 1
-        slot.handled = found.step
-        alert = slot.open
-        if alert is None:
-            slot.open = OpenAlert(0, found.severity, found.step, False)
-            self._op(slot, _Op("open", slot, slot.open, found), ops)
-        elif alert.severity == WARNING and found.severity == CRITICAL:
-            alert.severity = CRITICAL
-            alert.last_step = max(alert.last_step, found.step)
-            self._op(slot, _Op("escalate", slot, alert, found), ops)
-        else:
-            alert.last_step = max(alert.last_step, found.step)
-            last = slot.last_op
-            if last is not None and last.kind == "fold" and last.alert is alert:
-                last.count += 1
-                last.finding = found
-            else:
-                self._op(slot, _Op("fold", slot, alert, found), ops)
-        if key != slot.key:
-            # A finding confirmed late (by the other key) may already be followed by enough quiet steps
-            self._quiet(slot, ops)
-
-    def _quiet(self, slot: Slot, ops: list[_Op]) -> None:
-        """Resolve the slot's alert once its key has gone ``resolve_after_steps`` steps past it."""
-        alert, seen = slot.open, slot.seen[slot.key]
-        if alert is not None and seen is not None and seen - alert.last_step >= slot.spec.resolve_after_steps:
-            self._op(slot, _Op("resolve", slot, alert, reason=db.QUIET), ops)
-            slot.open = None
-
-    @staticmethod
-    def _op(slot: Slot, op: _Op, ops: list[_Op]) -> None:
-        ops.append(op)
-        slot.last_op = op
+            feed_point(slot, key, step, value, ops, self.stats)
 
     def _catch_up(self, run_id: int, rank: int) -> None:
         """Replay what the queue had no room for: the stored points after each slot's last seen
         step, for every slot of the (run, rank), including keys new to the engine."""
-        ops: list[_Op] = []
+        ops: list[Op] = []
         with self.store.transaction() as conn:
             rs = self._run_state(conn, run_id)
             if rs is None:
@@ -447,7 +302,7 @@ class AlertEngine:
         self._write(rs, ops)
 
     # ------------------------------------------------------------------ writing
-    def _write(self, rs: RunState, ops: list[_Op], provenance: Sequence[tuple[int, int, Any]] = ()) -> None:
+    def _write(self, rs: RunState, ops: list[Op], provenance: Sequence[tuple[int, int, Any]] = ()) -> None:
         if not ops and not provenance:
             return
         notified = 0
@@ -462,7 +317,7 @@ class AlertEngine:
                 op.slot.last_op = None
         self._woke(notified)
 
-    def _apply(self, conn: Connection, rs: RunState, op: _Op, now: float) -> int:
+    def _apply(self, conn: Connection, rs: RunState, op: Op, now: float) -> int:
         alert, found = op.alert, op.finding
         if op.kind == "resolve":
             if db.resolve(conn, alert.id, op.reason, now) and alert.notified:
@@ -525,7 +380,7 @@ class AlertEngine:
         firing alerts (of any run) whose rule is no longer in force."""
         notified = 0
         for rs in [rs for rs in self._runs.values() if rs.project_id == project_id]:
-            ops: list[_Op] = []
+            ops: list[Op] = []
             with self.store.transaction() as conn:
                 self._reload_rules(conn, rs, ops)
             self._write(rs, ops)

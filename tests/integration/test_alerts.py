@@ -37,8 +37,9 @@ def test_a_nan_loss_alerts_with_no_configuration_at_all(server: ServerProcess, t
     assert alert["value"] == "NaN" and alert["first_step"] == 5 and alert["project"] == "fresh-project"
     assert alert["run_name"] == "nan-run" and alert["remedy"] and alert["url"] == f"{server.url}/runs/{run.id}"
     assert run.finish(timeout=30) is True
-    wait_until(lambda: _alerts(server, run.id)[0]["status"] == "resolved", 30, "the run's end to resolve it")
-    assert _alerts(server, run.id)[0]["resolve_reason"] == "run_finished"
+    run_id = alert["run_id"]
+    wait_until(lambda: _alerts(server, run_id)[0]["status"] == "resolved", 30, "the run's end to resolve it")
+    assert _alerts(server, run_id)[0]["resolve_reason"] == "run_finished"
 
 
 def _points(server: ServerProcess, name: str) -> int:
