@@ -66,7 +66,7 @@ class WatchOptions:
     update_ratio: bool = True
     param_grad_norms: bool = True  # one grad_norm/<param> per parameter, every step
     bins: int = 64
-    overhead_budget: float = 0.02  # fraction of step time; past it, sample less often
+    overhead_budget: float | None = 0.02  # fraction of step time; past it, sample less often (None: never)
     batch_size: int | None = None  # samples per optimizer step, for throughput
     tokens_per_step: int | None = None  # tokens per optimizer step, for throughput
     all_ranks_histograms: bool = False  # by default only rank 0 sends histograms
@@ -80,8 +80,11 @@ class WatchOptions:
                 raise ValueError(f"run.watch: {name} must be a positive int, got {value!r}")
         if self.bins > 4096:
             raise ValueError(f"run.watch: bins must be at most 4096, got {self.bins}")
-        if not 0 < self.overhead_budget <= 1:
-            raise ValueError(f"run.watch: overhead_budget is a fraction in (0, 1], got {self.overhead_budget!r}")
+        budget = self.overhead_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1
+        ):
+            raise ValueError(f"run.watch: overhead_budget is a fraction in (0, 1] or None, got {budget!r}")
         for name in ("batch_size", "tokens_per_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -546,6 +549,8 @@ class Watcher:
         self.sink.emit_scalars(
             step, time.time(), {"agent/overhead_pct": overall, "agent/sample_every": self.sample_every}
         )
+        if self.opts.overhead_budget is None:
+            return  # governor off: the cadence stays as configured
         budget = 100.0 * self.opts.overhead_budget
         if self.meter.reports < 2 or overall <= budget:
             return  # the first window holds warm-up costs: judge from the second on

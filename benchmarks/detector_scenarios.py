@@ -64,7 +64,7 @@ class _Recorder:
 
 
 def _watcher(sink: _Recorder, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any = None) -> Watcher:
-    opts = WatchOptions(sample_every=SAMPLE_EVERY, histograms=False, replay_on_nonfinite=False, overhead_budget=1.0)
+    opts = WatchOptions(sample_every=SAMPLE_EVERY, histograms=False, replay_on_nonfinite=False, overhead_budget=None)
     return Watcher(sink, model, opt, None, scaler, opts)
 
 

@@ -303,6 +303,18 @@ def test_every_step_overhead_over_budget_turns_per_parameter_norms_to_sampled_st
     assert "grad_norm/total" in sink.scalars[late] and "grad_norm/0.weight" not in sink.scalars[late]
 
 
+def test_no_budget_means_the_cadence_never_changes() -> None:
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watcher, sink = watch(model, opt, sample_every=4, overhead_budget=None)
+    train(model, opt, watcher, 20)
+    assert not any(e[0] == "overhead_governor" for e in sink.events)
+    assert watcher.sample_every == 4 and all("grad_norm/0.weight" in sink.scalars[s] for s in range(20))
+    assert any("agent/overhead_pct" in r for r in sink.scalars.values())  # still measured and reported
+    with pytest.raises(ValueError, match="or None"):
+        WatchOptions(overhead_budget=0).check()
+
+
 def test_a_nan_in_an_earlier_micro_batch_is_found() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
