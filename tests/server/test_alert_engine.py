@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
+from tests.helpers import wait_until
 from trimtab.detectors import parse_rule
 from trimtab.protocol import Batch, Event, Hello, RunRef, ScalarSeries
 from trimtab.server import alert_store
@@ -25,6 +26,7 @@ from trimtab.server.store import Store
 from trimtab.server.tables import alert_deliveries, detector_states, sinks
 
 BASE_URL = "http://trimtab.test:8000"
+LOGITS = {"name": "logits", "key": "attn/max_logit", "detector": "threshold", "params": {"op": ">", "limit": 100.0}}
 
 
 class Rig:
@@ -368,3 +370,47 @@ def test_a_full_queue_falls_back_to_replaying_from_the_database(store: Store) ->
         assert comparable(squeezed.alerts(run_id)) == expected
     finally:
         squeezed.stop()
+
+
+def test_a_rule_added_to_a_running_run_also_looks_at_what_it_logged_before(rig: Rig, store: Store) -> None:
+    run_id = rig.run("late-rule")
+    rig.send(run_id, {"attn/max_logit": [(0, 10.0), (1, 150.0), (2, 10.0)]})
+    assert rig.alerts(run_id) == []
+    RuleStore(store).write("eng", None, parse_rule({**LOGITS, "resolve_after_steps": 1000}), replace=False)
+    rig.engine.rules_changed(_project_id(store, run_id))
+    rig.send(run_id, {"attn/max_logit": [(3, 10.0)]})
+    (alert,) = rig.alerts(run_id)
+    assert (alert["rule"], alert["first_step"], alert["value"]) == ("logits", 1, 150.0)
+
+
+def test_rules_written_elsewhere_apply_after_the_refresh_interval(store: Store) -> None:
+    rig = Rig(store, rules_ttl_s=0.0)  # as if another replica wrote the rule: no rules_changed here
+    try:
+        run_id = rig.run("replica")
+        rig.send(run_id, {"attn/max_logit": [(0, 10.0)]})
+        RuleStore(store).write("eng", None, parse_rule(LOGITS), replace=False)
+        rig.send(run_id, {"attn/max_logit": [(1, 150.0)]})
+        assert [a["rule"] for a in rig.alerts(run_id)] == ["logits"]
+    finally:
+        rig.stop()
+
+
+def test_dirty_detector_state_is_saved_periodically(store: Store) -> None:
+    rig = Rig(store, state_interval_s=0.05)
+    try:
+        run_id = rig.run("periodic")
+        rig.send(run_id, {"loss": steady(0, 10)})
+
+        def saved_step() -> int | None:
+            with store.transaction() as conn:
+                return conn.execute(
+                    select(detector_states.c.step).where(
+                        detector_states.c.run_id == run_id, detector_states.c.rule_name == "nonfinite-loss"
+                    )
+                ).scalar()
+
+        wait_until(lambda: saved_step() == 9, 30, "the first save")
+        rig.send(run_id, {"loss": steady(10, 20)})
+        wait_until(lambda: saved_step() == 19, 30, "the next save")  # while running, no stop needed
+    finally:
+        rig.stop()
