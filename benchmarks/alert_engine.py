@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--keys", type=int, default=16, help="keys per batch; loss and grad_norm/total among them")
+    p.add_argument("--no-rule-keys", action="store_true", help="only keys no rule matches (as benchmarks/ingest.py)")
     args = p.parse_args()
 
     print("evaluation, default rules, in memory (us per point per key)")
@@ -106,6 +107,8 @@ def main() -> None:
         print(f"  {key:<34}{us:8.2f}")
 
     keys = ["loss", "grad_norm/total", *[f"layer{i}/grad_norm" for i in range(args.keys - 2)]]
+    if args.no_rule_keys:
+        keys = [f"bench/k{i:03d}" for i in range(args.keys)]
     batches = _batches(args.batches, args.steps, keys)
     points = args.batches * args.steps * len(keys)
     with tempfile.TemporaryDirectory() as tmp:

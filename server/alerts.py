@@ -254,6 +254,15 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ feeding
     def _feed(self, run_id: int, rank: int, batch: Batch) -> None:
+        known = self._runs.get(run_id)
+        if (  # the common case for most keys: no rule matches, so no database round trip
+            known is not None
+            and time.monotonic() - known.rules_at <= self.rules_ttl_s
+            and not any(e.kind == "nonfinite" for e in batch.events)
+            and not any(known.specs_for(s.key) for s in batch.scalars if len(s))
+        ):
+            known.last_active = time.monotonic()
+            return
         ops: list[Op] = []
         with self.store.transaction() as conn:
             rs = self._run_state(conn, run_id)
