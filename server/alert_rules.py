@@ -77,10 +77,30 @@ def check_body(body: Mapping[str, Any], name: str | None = None) -> RuleSpec:
         if "name" in body and body["name"] != name:
             raise TrimtabError(ErrorCode.INVALID_RULE, f"name: {body['name']!r} differs from the path's {name!r}")
         body = {**body, "name": name}
+    where = _nul_in(body)
+    if where is not None:  # PostgreSQL text cannot hold NUL, and no rule needs one
+        raise TrimtabError(ErrorCode.INVALID_RULE, f"{where}: NUL characters are not allowed")
     try:
         return parse_rule(body)
     except RuleError as exc:
         raise TrimtabError(ErrorCode.INVALID_RULE, str(exc)) from None
+
+
+def _nul_in(value: Any, where: str = "rule") -> str | None:
+    """The path of the first string (key or value) holding a NUL character, if any."""
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            found = _nul_in(k, where) or _nul_in(v, f"{k}" if where == "rule" else f"{where}.{k}")
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_in(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,8 @@ def test_overriding_and_switching_off_a_default(server: ServerProcess) -> None:
         ({**THRESHOLD, "key": ""}, "key"),
         ({**THRESHOLD, "name": "no spaces"}, "name"),
         ({**THRESHOLD, "confirm": {"key": "attn/max_logit", "detector": "nonfinite"}}, "confirm.key"),
+        ({**THRESHOLD, "remedy": "lower the LR\x00"}, "remedy"),
+        ({**THRESHOLD, "params": {"op": ">\x00", "limit": 1.0}}, "params.op"),
     ],
 )
 def test_invalid_rules_are_422_with_the_reason_and_change_nothing(
