@@ -33,6 +33,7 @@ from sqlalchemy import Connection, select
 from trimtab.detectors import RuleEvaluator, RuleSpec
 from trimtab.protocol import Batch
 from trimtab.server import alert_store as db
+from trimtab.server import outbox
 from trimtab.server.alert_rules import effective
 from trimtab.server.alert_slots import EngineStats, Op, RunState, Slot, feed_point
 from trimtab.server.store import Store
@@ -357,8 +358,6 @@ class AlertEngine:
         return self._notify(conn, alert.id, "escalated") if escalate else 0
 
     def _notify(self, conn: Connection, alert_id: int, event: str) -> int:
-        from trimtab.server import outbox
-
         queued = outbox.enqueue(conn, alert_id, event, db.payload_of(conn, alert_id, self.base_url))
         self.stats.notifications += queued
         return queued
