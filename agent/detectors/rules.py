@@ -130,6 +130,8 @@ def make_detector(kind: str, params: Mapping[str, Any], where: str = "") -> Dete
             raise RuleError(f"{where}params.{name}: must be a number or a string, got {json.dumps(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise RuleError(f"{where}params.{name}: must be finite, got {value}")
+        if isinstance(value, str) and _has_control(value):
+            raise RuleError(f"{where}params.{name}: control characters are not allowed")
     try:
         return cls(**params)
     except (TypeError, ValueError) as exc:
@@ -141,11 +143,16 @@ def _check_key(value: Any, where: str) -> str:
         raise RuleError(f"{where}: must be a non-empty string")
     if len(value) > MAX_KEY_LENGTH:
         raise RuleError(f"{where}: at most {MAX_KEY_LENGTH} characters, got {len(value)}")
-    if value != value.strip() or any(ord(c) < 32 for c in value):
+    if value != value.strip() or _has_control(value):
         raise RuleError(f"{where}: no leading/trailing spaces or control characters")
     if value.count("[") != value.count("]"):
         raise RuleError(f"{where}: unbalanced '[' in the pattern {value!r}")
     return value
+
+
+def _has_control(text: str, allowed: str = "") -> bool:
+    """NUL and other control characters (PostgreSQL cannot store NUL in text)."""
+    return any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in text)
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
@@ -193,8 +200,10 @@ def parse_rule(body: Mapping[str, Any]) -> RuleSpec:
         from trimtab.detectors.defaults import remedy_for
 
         remedy = remedy_for(kind, key)
-    elif not isinstance(remedy, str) or len(remedy) > MAX_REMEDY_LENGTH:
-        raise RuleError(f"remedy: a string of at most {MAX_REMEDY_LENGTH} characters, or null")
+    elif not isinstance(remedy, str) or len(remedy) > MAX_REMEDY_LENGTH or _has_control(remedy, "\n"):
+        raise RuleError(
+            f"remedy: a string of at most {MAX_REMEDY_LENGTH} characters without control characters, or null"
+        )
     return RuleSpec(
         name=name,
         key=key,

@@ -272,8 +272,7 @@ class RobustSpike(Detector):
         if n < self.warmup:
             return None
         median = _median(self._sorted)
-        deviations = sorted(abs(v - median) for v in self._sorted)
-        scale = max(1.4826 * _median(deviations), self.rel_floor * abs(median), 1e-12)
+        scale = max(1.4826 * _mad(self._sorted, median), self.rel_floor * abs(median), 1e-12)
         return median, scale
 
     def update(self, step: int, value: float) -> Finding | None:
@@ -325,6 +324,35 @@ def _median(ordered: list[float]) -> float:
     n = len(ordered)
     mid = n // 2
     return ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _mad(ordered: list[float], median: float) -> float:
+    """Median absolute deviation of sorted values around their median, in O(log n): the
+    deviations are two sorted runs (walking left and right from the median), and the median
+    of their union is found by selection, with no sort and no copy."""
+    split = bisect_left(ordered, median)
+    a, b = split, len(ordered) - split  # a left deviations (median - v), b right (v - median)
+
+    def left(i: int) -> float:
+        return median - ordered[split - 1 - i]
+
+    def right(j: int) -> float:
+        return ordered[split + j] - median
+
+    def kth(k: int) -> float:  # the k-th smallest deviation, 0-based
+        lo, hi = max(0, k + 1 - b), min(a, k + 1)
+        while True:
+            i = (lo + hi) // 2  # take i from the left run, j from the right
+            j = k + 1 - i
+            if i < a and j > 0 and right(j - 1) > left(i):
+                lo = i + 1
+            elif i > 0 and j < b and left(i - 1) > right(j):
+                hi = i - 1
+            else:
+                return max(left(i - 1) if i > 0 else -math.inf, right(j - 1) if j > 0 else -math.inf)
+
+    n = len(ordered)
+    return kth(n // 2) if n % 2 else (kth(n // 2 - 1) + kth(n // 2)) / 2
 
 
 class GrossMagnitude(Detector):
@@ -387,18 +415,30 @@ class Divergence(Detector):
         if ratio <= 1 or short < 1 or long < short or patience < 1:
             raise ValueError("divergence: need ratio > 1, 1 <= short <= long, patience >= 1")
         self.ratio, self.short, self.long, self.patience = ratio, short, long, patience
-        self._values: deque[float] = deque(maxlen=short + long)
+        self._values: deque[float] = deque()  # the last short + long values, oldest first
+        self._recent: list[float] = []  # the last `short` of them, sorted
+        self._before: list[float] = []  # the `long` before those, sorted
         self._over = 0
+
+    def _push(self, value: float) -> None:
+        self._values.append(value)
+        insort(self._recent, value)
+        if len(self._values) > self.short:  # the value leaving the short window joins the long one
+            moved = self._values[-self.short - 1]
+            del self._recent[bisect_left(self._recent, moved)]
+            insort(self._before, moved)
+        if len(self._values) > self.short + self.long:
+            old = self._values.popleft()
+            del self._before[bisect_left(self._before, old)]
 
     def update(self, step: int, value: float) -> Finding | None:
         if not math.isfinite(value):
             return None
-        self._values.append(value)
+        self._push(value)
         if len(self._values) < self.short + self.long:
             return None
-        values = list(self._values)
-        recent = _median(sorted(values[-self.short :]))
-        before = _median(sorted(values[: -self.short]))
+        recent = _median(self._recent)
+        before = _median(self._before)
         if before <= 0 or recent / before <= self.ratio:
             self._over = 0
             return None
@@ -424,7 +464,8 @@ class Divergence(Detector):
     @classmethod
     def _from_state(cls, state: dict[str, Any]) -> Detector:
         d = cls(state["ratio"], state["short"], state["long"], state["patience"])
-        d._values.extend(state["values"])
+        for value in state["values"]:
+            d._push(float(value))
         d._over = state["over"]
         return d
 

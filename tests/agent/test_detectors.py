@@ -197,3 +197,34 @@ def test_corroboration_needs_two_signals_close_together() -> None:
         "nonfinite:loss",
         "robust_spike:grad_norm/total",
     ]
+
+
+def test_mad_selection_matches_sorting() -> None:
+    import random
+
+    from trimtab.detectors.series import _mad, _median
+
+    rng = random.Random(3)
+    for n in [*range(1, 40), 199, 200, 201]:
+        for _ in range(20):
+            values = sorted(rng.choice([rng.gauss(0, 1), float(rng.randint(-3, 3))]) for _ in range(n))
+            median = _median(values)
+            assert _mad(values, median) == pytest.approx(_median(sorted(abs(v - median) for v in values)), abs=1e-12)
+
+
+def test_divergence_windows_match_a_recomputation() -> None:
+    import random
+
+    from trimtab.detectors.series import _median
+
+    rng = random.Random(5)
+    d = Divergence(ratio=1.1, short=5, long=20, patience=1)
+    seen: list[float] = []
+    for step in range(200):
+        v = rng.uniform(0.5, 1.5) * (1 + step / 50)
+        found = d.update(step, v)
+        seen.append(v)
+        window = seen[-25:]
+        if len(window) == 25:
+            expect = _median(sorted(window[-5:])) / _median(sorted(window[:-5])) > 1.1
+            assert (found is not None) == expect
