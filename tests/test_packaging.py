@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tests.helpers import ROOT
 
+MIGRATIONS = ROOT / "migrations" / "versions"  # each file's stem is its revision id
+
 
 def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> None:
     subprocess.run(
@@ -42,7 +44,9 @@ def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> No
         "trimtab/migrations/env.py",
         "trimtab/migrations/script.py.mako",
         "trimtab/migrations/versions/0001_initial_schema.py",
-        "trimtab/migrations/versions/0002_metric_key_rank.py",
+        "trimtab/detectors/__init__.py",
+        "trimtab/detectors/defaults.py",
+        *(f"trimtab/migrations/versions/{p.name}" for p in MIGRATIONS.glob("0*.py")),
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     assert not any(n.startswith(("agent/", "server/", "tests/")) for n in names)
@@ -66,4 +70,5 @@ def test_wheel_contains_the_mapped_packages_and_migrations(tmp_path: Path) -> No
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "0002_metric_key_rank" in result.stdout
+    newest = max(p.stem for p in MIGRATIONS.glob("0*.py"))
+    assert f"at revision {newest}" in result.stdout, result.stdout
