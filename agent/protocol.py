@@ -191,6 +191,16 @@ def error_frame(code: ErrorCode, message: str, seq: int | None = None) -> dict[s
     return frame
 
 
+def cmd_frame(command_id: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
+    return {"t": CMD, "id": command_id, "kind": kind, "args": dict(args)}
+
+
+def cmd_result_frame(
+    command_id: str, status: str, step: int | None, detail: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    return {"t": CMD_RESULT, "id": command_id, "status": status, "step": step, "detail": detail}
+
+
 # --------------------------------------------------------------------------- decoding
 
 

@@ -11,13 +11,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
 from trimtab.buffer import Buffer, Drops
+from trimtab.control import BUILTIN, Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
 from trimtab.options import Options, jsonable
 from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH, event_entry, histogram_entry
 from trimtab.sender import BYE_WAIT, OFFLINE_FINISH_GRACE, Identity, Sender
@@ -62,6 +63,7 @@ class Run:
             rank=opts.rank,
             world_size=opts.world_size,
         )
+        self._control = Controller(on_result=self._command_event)
         spool = self._open_spool()
         self._sender = Sender(
             opts,
@@ -71,6 +73,7 @@ class Run:
             self.drops,
             buffer=self._buffer,
             on_run_id=self._set_id,
+            control=self._control,
         )
         self._replays: list[Sender] = []
         self._sender.start()
@@ -137,17 +140,32 @@ class Run:
         optimizer: Any = None,
         scheduler: Any = None,
         scaler: Any = None,
+        *,
+        snapshot_every: int | None = None,
+        snapshot_keep: int = 3,
+        snapshot_dir: str | os.PathLike[str] | None = None,
         **cadence: Any,
     ) -> None:
         """Measure ``model`` on every :meth:`step`: gradient norms, learning rates, loss scale,
         timing, and every ``sample_every`` steps (100) weight norms, update ratios, weight,
         gradient and activation histograms. See ``trimtab.watch.WatchOptions`` for the
         keyword arguments. Problems with the model are logged once; training goes on.
+
+        The optimizer, scheduler and scaler are also what commands act on (``reduce_lr``,
+        ``skip_batches``, ...; docs/commands.md): ``optimizer.step`` is wrapped so that a
+        skipped step applies no update. ``snapshot_every=K`` keeps the newest
+        ``snapshot_keep`` snapshots (model, optimizer, scheduler, scaler, RNG) taken every K
+        steps, on the CPU or in ``snapshot_dir``, for ``rollback``.
         """
         from trimtab.watch import Watcher, WatchOptions
 
         opts = WatchOptions(**cadence)  # a typo in an option is a TypeError, like init's
         opts.check()
+        snapshots = None
+        if snapshot_every is not None:
+            from trimtab.snapshots import Snapshots
+
+            snapshots = Snapshots(snapshot_every, snapshot_keep, snapshot_dir)  # bad values: ValueError
         try:
             import torch
 
@@ -167,17 +185,60 @@ class Run:
                 optimizer = None
             next_step = 0 if self._train_step is None else self._train_step + 1
             self._watcher = Watcher(self._sink, model, optimizer, scheduler, scaler, opts, next_step)
+            self._control.target = Target(model, optimizer, scheduler, scaler)
+            self._control.snapshots = snapshots
+            if optimizer is not None:
+                wrap_optimizer_step(optimizer, self._control)
         except Exception as exc:
             internal.report("Run.watch", exc)
 
     def unwatch(self) -> None:
-        """Stop measuring the watched model: hooks are removed, pending statistics are sent."""
+        """Stop measuring the watched model: hooks are removed, pending statistics are sent,
+        ``optimizer.step`` is unwrapped. Commands that need the optimizer are rejected after."""
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             try:
                 watcher.close()
             except Exception as exc:
                 internal.report("Run.unwatch", exc)
+        target, self._control.target = self._control.target, Target()
+        self._control.snapshots = None
+        if target.optimizer is not None:
+            try:
+                unwrap_optimizer_step(target.optimizer)
+            except Exception as exc:
+                internal.report("Run.unwatch", exc)
+
+    # ------------------------------------------------------------------ control
+    def on_command(self, kind: str, handler: Callable[[dict[str, Any]], Any]) -> None:
+        """Run ``handler(args)`` on the training thread, at a step boundary, when a command of
+        ``kind`` arrives; its return value (JSON-safe) goes back with the acknowledgement. If it
+        raises, the command is rejected with the error and training goes on."""
+        if not isinstance(kind, str) or not kind or kind in BUILTIN:
+            raise ValueError(f"on_command: {kind!r} is empty or a built-in command ({', '.join(BUILTIN)})")
+        if not callable(handler):
+            raise TypeError("on_command: handler must be callable")
+        self._control.handlers[kind] = handler
+
+    def on_checkpoint(self, handler: Callable[[int], Any]) -> None:
+        """``handler(step)`` saves a checkpoint: run by the ``checkpoint`` command and before
+        ``stop`` takes effect."""
+        self._control.checkpoint_handlers.append(handler)
+
+    def on_rollback(self, handler: Callable[[int], Any]) -> None:
+        """``handler(restored_step)`` after a ``rollback``: move your data position (see
+        docs/commands.md); the model, optimizer, scheduler and RNG are already restored."""
+        self._control.rollback_handlers.append(handler)
+
+    def should_stop(self) -> bool:
+        """True once a ``stop`` command was applied: end training cleanly."""
+        return self._control.stop_requested
+
+    def should_skip(self) -> bool:
+        """True when this step's update must not be applied (``skip_batches``, ``rollback``).
+        Only needed by loops that do not give their optimizer to ``run.watch``."""
+        self._control.should_skip_used = True
+        return self._control.skip_now
 
     def step(
         self, loss: Any = None, *, step: int | None = None, batch_size: int | None = None, tokens: int | None = None
@@ -203,10 +264,27 @@ class Run:
                 self._warn_once("no-watch", "run.step without run.watch(model, optimizer): only the loss is logged")
                 if loss is not None:
                     self.log({"loss": loss}, step=step)
-                return
-            self._watcher.step(loss, step, batch_size, tokens)
+            else:
+                self._watcher.step(loss, step, batch_size, tokens)
         except Exception as exc:
             internal.report("Run.step", exc)
+        self._boundary(step)
+
+    def _boundary(self, step: int | None) -> None:
+        """The step boundary: take a due snapshot, apply queued commands (waiting here while
+        paused)."""
+        if step is None or self._closed:
+            return
+        control = self._control
+        try:
+            if control.snapshots is not None:
+                control.snapshots.maybe_take(step, control.target)
+        except Exception as exc:
+            internal.report("snapshot", exc)
+        try:
+            control.boundary(step)
+        except Exception as exc:
+            internal.report("commands", exc)
 
     @property
     def rank(self) -> int:
@@ -280,6 +358,11 @@ class Run:
                 continue
             out[key] = converted
         return out
+
+    def _command_event(self, result: dict[str, Any]) -> None:
+        """Every final command result is also an event in the run's stream (chart markers)."""
+        level = "info" if result.get("status") == "applied" else "warning"
+        self._sink.emit_event("command", result.get("step"), dict(result), level)
 
     def _set_id(self, run_id: int) -> None:
         self._id = run_id

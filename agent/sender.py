@@ -24,6 +24,7 @@ from websockets.sync.client import ClientConnection
 
 from trimtab import internal, protocol
 from trimtab.buffer import Buffer, Chunk, Drops
+from trimtab.control import Controller
 from trimtab.handshake import Handshake, Welcome
 from trimtab.options import Options
 from trimtab.session import Pending, Session
@@ -79,6 +80,7 @@ class Sender:
         drops: Drops,
         buffer: Buffer | None = None,
         on_run_id: Callable[[int], None] | None = None,
+        control: Controller | None = None,
     ) -> None:
         self.opts = opts
         self.identity = identity
@@ -87,6 +89,7 @@ class Sender:
         self.drops = drops
         self.buffer = buffer
         self._on_run_id = on_run_id
+        self.control = control  # None for a replay of an orphaned spool: it applies no commands
         self._ws: ClientConnection | None = None
         self._handshake: Handshake | None = None
         self._stop = threading.Event()
@@ -154,11 +157,23 @@ class Sender:
             time.sleep(POLL_SECONDS)  # keep draining into the spool while the handshake runs
             return False
         self._send_ready()
+        self._send_results()
         self._pump(POLL_SECONDS)
         if now - self._last_heartbeat >= self.opts.heartbeat_interval:
             self._send_frame(protocol.heartbeat_frame(self.drops.snapshot()))
             self._last_heartbeat = now
         return False
+
+    def _send_results(self) -> None:
+        """Command results from the training thread (and ``delivered`` answers). One lost
+        with a dropped connection is not lost for good: the server redelivers a command that
+        has no final result, and the controller answers a known id with its stored result."""
+        if self.control is None:
+            return
+        for result in self.control.take_outgoing():
+            self._send_frame(
+                protocol.cmd_result_frame(result["id"], result["status"], result["step"], result["detail"])
+            )
 
     def _drained(self) -> bool:
         return self.session.idle and (self.buffer is None or len(self.buffer) == 0)
@@ -264,6 +279,8 @@ class Sender:
             self._spool_acked(seq, pending)
         if self._on_run_id is not None:
             self._on_run_id(welcome.run_id)
+        if self.control is not None:
+            self.control.on_reconnect()
         self.connected.set()
         logger.info("trimtab: streaming run %s to %s", welcome.run_id, self.opts.server)
 
@@ -343,16 +360,10 @@ class Sender:
             else:
                 logger.warning("trimtab: server error %s: %s", code, message)
         elif kind == protocol.CMD:
-            # The control channel lands in a later protocol feature; refuse clearly for now.
-            self._send_frame(
-                {
-                    "t": protocol.CMD_RESULT,
-                    "id": frame.get("id", ""),
-                    "status": "rejected",
-                    "step": None,
-                    "detail": {"reason": "this agent does not apply commands yet"},
-                }
-            )
+            if self.control is None:  # an orphan replay: the live run's sender takes commands
+                return
+            self.control.receive(frame)  # queued for the training thread; "delivered" goes out now
+            self._send_results()
         else:
             self._warn_once(f"frame-{kind}", f"ignoring unknown frame type {kind!r} from the server")
 
