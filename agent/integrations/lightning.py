@@ -66,6 +66,13 @@ class TrimtabCallback(Callback):  # type: ignore[misc]
             loss = loss / scale.to(loss.device)
         self._holder.run.step(loss, step=trainer.global_step)
 
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        run = self._holder.run
+        if run is not None and run.should_stop():  # a `stop` command: Lightning ends the fit cleanly
+            trainer.should_stop = True
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._holder.end()
 

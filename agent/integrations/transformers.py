@@ -77,6 +77,11 @@ class TrimtabCallback(TrainerCallback):  # type: ignore[misc]
         if self._holder.run is not None:
             self._holder.run.step(loss, step=state.global_step)
 
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        run = self._holder.run
+        if run is not None and run.should_stop():  # a `stop` command: the Trainer ends cleanly
+            control.should_training_stop = True
+
     def on_log(
         self,
         args: TrainingArguments,
