@@ -67,6 +67,7 @@ class Controller:
         self._results: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._outgoing: deque[dict[str, Any]] = deque()
         self._autopilot: deque[dict[str, Any]] = deque(maxlen=REMEMBERED)
+        self.history: deque[dict[str, Any]] = deque(maxlen=REMEMBERED)  # final results, with kind and args
         self._on_result = on_result
         self.handlers: dict[str, Handler] = {}
         self.checkpoint_handlers: list[Callable[[int], Any]] = []
@@ -116,9 +117,9 @@ class Controller:
             self._outgoing.extend(self._autopilot)
 
     # ------------------------------------------------------------------ training thread
-    def boundary(self, step: int) -> None:
-        """Apply what is queued; wait here while paused; decide whether this step's update
-        is skipped."""
+    def boundary(self, step: int, autopilot: Callable[[int], None] | None = None) -> None:
+        """Apply what is queued; wait here while paused; let the autopilot act; decide
+        whether this step's update is skipped."""
         self.step = step
         self.skip_now = False
         self._apply_queued(step)
@@ -127,6 +128,8 @@ class Controller:
                 if not self._inbox:
                     self._cond.wait(PAUSE_POLL_S)
             self._apply_queued(step)
+        if autopilot is not None:
+            autopilot(step)
         if self.skip_remaining > 0:
             self.skip_now = True
             self.skip_remaining -= 1
@@ -142,8 +145,10 @@ class Controller:
         with self._cond:
             self._autopilot.append(frame)
             self._outgoing.append(frame)
+        entry = {**frame, "kind": kind, "args": args}
+        self.history.append(entry)
         if self._on_result is not None:
-            self._on_result(frame)
+            self._on_result(entry)
 
     def _apply_queued(self, step: int) -> None:
         while True:
@@ -174,8 +179,10 @@ class Controller:
             frame = self._finish(command.id, status, step, detail)
         level = logger.info if status == "applied" else logger.warning
         level("trimtab: command %s %s at step %d: %s", command.kind, status, step, detail)
+        entry = {**frame, "kind": command.kind, "args": command.args}
+        self.history.append(entry)
         if self._on_result is not None:
-            self._on_result({**frame, "kind": command.kind, "args": command.args})
+            self._on_result(entry)
 
     def _finish(self, ident: str, status: str, step: int | None, detail: dict[str, Any]) -> dict[str, Any]:
         frame = {"id": ident, "status": status, "step": step, "detail": _json_safe(detail)}
@@ -186,6 +193,12 @@ class Controller:
         return frame
 
     # ------------------------------------------------------------------ the commands
+    def run_builtin(self, kind: str, args: dict[str, Any], step: int) -> dict[str, Any]:
+        """Apply a built-in command now (the autopilot's way in); Rejected when it cannot."""
+        if kind not in BUILTIN:
+            raise ValueError(f"not a built-in command: {kind!r}")
+        return self._run(Command("", kind, args), step)
+
     def _run(self, command: Command, step: int) -> dict[str, Any]:
         kind, args = command.kind, command.args
         builtin = {

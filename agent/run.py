@@ -27,6 +27,7 @@ from trimtab.spool import Spool, SpoolLocked, orphaned_runs
 from trimtab.version import __version__
 
 if TYPE_CHECKING:
+    from trimtab.autopilot import Autopilot
     from trimtab.watch import Watcher
 
 logger = logging.getLogger("trimtab")
@@ -64,6 +65,7 @@ class Run:
             world_size=opts.world_size,
         )
         self._control = Controller(on_result=self._command_event)
+        self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
             opts,
@@ -230,6 +232,25 @@ class Run:
         docs/commands.md); the model, optimizer, scheduler and RNG are already restored."""
         self._control.rollback_handlers.append(handler)
 
+    def autopilot(self, enabled: bool = True, **options: Any) -> None:
+        """Let the agent act on its own at step boundaries: reject the update of a non-finite
+        or severely spiking step (capped), reduce the LR on sustained instability, roll back
+        on divergence when snapshots are kept. Options: ``trimtab.autopilot.AutopilotOptions``
+        (an unknown one is a TypeError); ``autopilot(False)`` turns it off. Every action is
+        reported to the server like a command, marked automatic."""
+        from trimtab.autopilot import Autopilot, AutopilotOptions
+
+        if not enabled:
+            self._autopilot = None
+            return
+        opts = AutopilotOptions(**options)
+        self._autopilot = Autopilot(self._control, opts, self.identity.world_size)
+
+    def command_history(self) -> list[dict[str, Any]]:
+        """The commands this process applied or rejected, oldest first (the last 1000): id,
+        kind, args, status, step, detail; the autopilot's have ``detail.source == "autopilot"``."""
+        return list(self._control.history)
+
     def should_stop(self) -> bool:
         """True once a ``stop`` command was applied: end training cleanly."""
         return self._control.stop_requested
@@ -268,9 +289,27 @@ class Run:
                 self._watcher.step(loss, step, batch_size, tokens)
         except Exception as exc:
             internal.report("Run.step", exc)
-        self._boundary(step)
+        self._boundary(step, loss)
 
-    def _boundary(self, step: int | None) -> None:
+    def _autopilot_step(self, step: int, loss: Any) -> None:
+        pilot = self._autopilot
+        if pilot is None:
+            return
+        loss_value: float | None = None
+        grad_norm: float | None = None
+        watcher = self._watcher
+        if watcher is not None and watcher.head is not None:
+            values = watcher.head.tolist()  # one synchronisation on a GPU: the autopilot's price
+            has_loss, has_grad = watcher.head_has
+            loss_value = values[0] if has_loss else None
+            grad_norm = values[1] if has_grad else None
+        elif loss is not None:
+            item = getattr(loss, "item", None)
+            loss_value = float(item() if callable(item) else loss)
+        amp = watcher is not None and watcher.scaler is not None
+        pilot.decide(step, loss_value, grad_norm, amp)
+
+    def _boundary(self, step: int | None, loss: Any = None) -> None:
         """The step boundary: take a due snapshot, apply queued commands (waiting here while
         paused)."""
         if step is None or self._closed:
@@ -281,8 +320,15 @@ class Run:
                 control.snapshots.maybe_take(step, control.target)
         except Exception as exc:
             internal.report("snapshot", exc)
+
+        def autopilot(at: int) -> None:
+            try:
+                self._autopilot_step(at, loss)
+            except Exception as exc:
+                internal.report("autopilot", exc)
+
         try:
-            control.boundary(step)
+            control.boundary(step, autopilot if self._autopilot is not None else None)
         except Exception as exc:
             internal.report("commands", exc)
 

@@ -133,6 +133,8 @@ class Watcher:
             sink.warn_once("watch-frozen", "run.watch: every parameter is frozen; no gradient statistics")
         self.grad_keys = [f"grad_norm/{n}" for n in self.names]
         self.is_matrix = [p.ndim >= 2 for p in self.params]  # weight matrices, for the depth ratio
+        self.head: torch.Tensor | None = None
+        self.head_has = (False, False)  # which of head's loss and grad norm are real (not NaN fill)
         self.send_histograms = opts.histograms and (sink.rank == 0 or opts.all_ranks_histograms)
         modules = [
             (name, m)
@@ -236,6 +238,7 @@ class Watcher:
         self._last_step = step
 
         head: list[torch.Tensor] = []
+        self.head = None
         loss_t = self._loss_tensor(loss, host)
         grads, index = self._grads()
         norms: torch.Tensor | None = None
@@ -255,6 +258,8 @@ class Watcher:
             scale_t = self._loss_scale()
             head.append(scale_t.to(device).float() if scale_t is not None else nan)
             parts = [torch.stack([h.to(device) for h in head])]
+            self.head = parts[0]  # [loss, total grad norm, loss scale] on the device, for the autopilot
+            self.head_has = (loss_t is not None, norms is not None)
             if norms is not None and per_param:
                 parts.append(norms.to(device))
             info = StepInfo(step, wall, host, loss_t is not None, index, self._inputs)

@@ -1,0 +1,131 @@
+"""The autopilot on real torch loops (offline runs: the agent spools, no server needed):
+it rejects bad updates at once, respects its caps, escalates, rolls back on divergence and
+leaves a healthy run alone."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import trimtab
+from tests.helpers import free_port
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Iterator[trimtab.Run]:
+    r = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}", project="t", spool_dir=str(tmp_path / "spool"), replay_orphans=False
+    )
+    yield r
+    r.finish(timeout=0.5)
+
+
+def task(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def train(
+    run: trimtab.Run, model: nn.Module, opt: torch.optim.Optimizer, steps: range, fault: Any = None
+) -> list[float]:
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in steps:
+        x = torch.randn(32, 8, generator=g)
+        y = x.sum(1, keepdim=True)
+        if fault is not None:
+            x = fault(step, x)
+        loss = (model(x) - y).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        run.step(loss, step=step)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def auto(run: trimtab.Run, kind: str | None = None) -> list[dict[str, Any]]:
+    return [
+        h
+        for h in run.command_history()
+        if h["detail"].get("source") == "autopilot" and (kind is None or h["kind"] == kind)
+    ]
+
+
+def test_a_healthy_run_is_left_alone(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    run.autopilot()
+    losses = train(run, model, opt, range(400))
+    assert auto(run) == [] and losses[-1] < 0.1 * losses[0]
+
+
+def test_a_nan_batch_is_rejected_before_the_update(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    run.autopilot()
+    train(run, model, opt, range(60))
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def nan_batch(step: int, x: torch.Tensor) -> torch.Tensor:
+        x[0, 0] = math.nan
+        return x
+
+    train(run, model, opt, range(60, 61), nan_batch)
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    (skip,) = auto(run)
+    assert skip["kind"] == "skip_batches" and skip["step"] == 60 and "non-finite" in skip["detail"]["reason"]
+
+
+def test_a_corrupted_batch_spike_is_rejected(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    run.autopilot()
+    train(run, model, opt, range(200), lambda step, x: x * 1000 if step == 150 else x)
+    skips = auto(run, "skip_batches")
+    assert [s["step"] for s in skips] == [150] and "spike" in skips[0]["detail"]["reason"]
+
+
+def test_skips_are_capped_then_the_lr_is_reduced(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    run.autopilot(max_skips_in_row=3, reduce_after=3, lr_factor=0.5)
+
+    def nan_from_80(step: int, x: torch.Tensor) -> torch.Tensor:
+        if step >= 80:
+            x[0, 0] = math.nan
+        return x
+
+    train(run, model, opt, range(80))
+    before = opt.param_groups[0]["lr"]
+    train(run, model, opt, range(80, 86), nan_from_80)
+    kinds = [(h["kind"], h["step"], h["detail"].get("over_cap")) for h in auto(run)]
+    skips = [(step, over) for kind, step, over in kinds if kind == "skip_batches"]
+    # every NaN step is rejected (a NaN update would ruin the weights); from the 4th in a row
+    # on they are over the cap, and the autopilot escalates once (refractory period)
+    assert skips == [(80, False), (81, False), (82, False), (83, True), (84, True), (85, True)]
+    assert [(k, s) for k, s, _ in kinds if k == "reduce_lr"] == [("reduce_lr", 82)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.param_groups[0]["lr"] == pytest.approx(before * 0.5)
+
+
+def test_divergence_rolls_back_to_a_snapshot_before_the_rise(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000, snapshot_every=50, snapshot_keep=4)
+    run.autopilot(skip_spikes=False)
+    train(run, model, opt, range(300))
+    for group in opt.param_groups:
+        group["lr"] = 0.5  # a bad LR change: the loss climbs and stays up
+    train(run, model, opt, range(300, 420))
+    rollbacks = auto(run, "rollback")
+    assert rollbacks, [h["kind"] for h in auto(run)]
+    assert rollbacks[0]["detail"]["restored_step"] <= 300
+    assert any(h["kind"] == "reduce_lr" and h["step"] == rollbacks[0]["step"] for h in auto(run))
