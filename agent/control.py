@@ -23,10 +23,13 @@ import types
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
 from trimtab.lr import current_lrs, scale_lr
+
+if TYPE_CHECKING:
+    from trimtab.lockstep import Lockstep
 
 logger = logging.getLogger("trimtab")
 
@@ -80,6 +83,8 @@ class Controller:
         self.stop_requested = False
         self.paused = False
         self.step: int | None = None
+        self.lockstep: Lockstep | None = None  # multi-rank: same-step application via the c10d store
+        self._scheduled: list[tuple[int, Command]] = []
 
     # ------------------------------------------------------------------ network thread
     def receive(self, frame: dict[str, Any]) -> None:
@@ -151,6 +156,9 @@ class Controller:
             self._on_result(entry)
 
     def _apply_queued(self, step: int) -> None:
+        if self.lockstep is not None:
+            self._apply_lockstep(step)
+            return
         while True:
             with self._cond:
                 if not self._inbox:
@@ -158,7 +166,23 @@ class Controller:
                 command = self._inbox.popleft()
             self._apply(command, step)
 
-    def _apply(self, command: Command, step: int) -> None:
+    def _apply_lockstep(self, step: int) -> None:
+        """Multi-rank: rank 0 schedules what it received; every rank applies the schedule."""
+        lockstep = self.lockstep
+        assert lockstep is not None
+        with self._cond:
+            received = list(self._inbox)
+            self._inbox.clear()  # on other ranks the store, not the inbox, says what to apply
+        if lockstep.leader and received:
+            lockstep.publish(received, step if self.paused else step + 1)
+        self._scheduled.extend(lockstep.poll())
+        due = [entry for entry in self._scheduled if entry[0] <= step]
+        self._scheduled = [entry for entry in self._scheduled if entry[0] > step]
+        for apply_at, command in due:
+            if command.id not in self._results:
+                self._apply(command, step, late=step - apply_at)
+
+    def _apply(self, command: Command, step: int, late: int = 0) -> None:
         started = time.perf_counter()
         try:
             detail = self._run(command, step)
@@ -174,6 +198,8 @@ class Controller:
                     "trimtab: the handler for command %r raised %s: %s", command.kind, type(exc).__name__, exc
                 )
         detail = {**(detail or {}), "apply_ms": round(1000 * (time.perf_counter() - started), 3)}
+        if late:
+            detail["late_steps"] = late  # this rank found rank 0's schedule after its step
         with self._cond:
             self._queued.discard(command.id)
             frame = self._finish(command.id, status, step, detail)

@@ -28,6 +28,7 @@ from trimtab.version import __version__
 
 if TYPE_CHECKING:
     from trimtab.autopilot import Autopilot
+    from trimtab.lockstep import Lockstep
     from trimtab.watch import Watcher
 
 logger = logging.getLogger("trimtab")
@@ -65,6 +66,7 @@ class Run:
             world_size=opts.world_size,
         )
         self._control = Controller(on_result=self._command_event)
+        self._control.lockstep = _lockstep(opts, self.uid)
         self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
@@ -554,6 +556,23 @@ def _run_uid(opts: Options) -> str:
     except Exception as exc:
         logger.warning("trimtab: could not agree on a run id with rank 0 (%s); this rank gets its own run", exc)
         return fresh
+
+
+def _lockstep(opts: Options, uid: str) -> Lockstep | None:
+    """Same-step commands on every rank of a torch.distributed job (see lockstep.py)."""
+    if opts.world_size <= 1 or "torch" not in sys.modules:
+        return None
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from trimtab.lockstep import Lockstep
+
+        return Lockstep(dist.distributed_c10d._get_default_store(), f"trimtab/cmds/{uid}", opts.rank)
+    except Exception as exc:
+        logger.warning("trimtab: no process-group store (%s): each rank applies commands when it gets them", exc)
+        return None
 
 
 def _to_number(value: Any) -> Any:
