@@ -325,7 +325,10 @@ class Controller:
         # This step's gradients come from the weights being replaced: its update is dropped.
         self.skip_remaining += 1
         handled = [_json_safe(fn(restored)) for fn in self.rollback_handlers]
-        return {"restored_step": restored, "requested": to_step, "handlers": handled}
+        # The optimizer and scheduler state came back too: LR changes made after the snapshot
+        # (by commands or by hand) are undone. Say what the LR is now.
+        lrs = current_lrs(self.target.optimizer) if self.target.optimizer is not None else None
+        return {"restored_step": restored, "requested": to_step, "lr_after": lrs, "handlers": handled}
 
     def _checkpoint(self, args: dict[str, Any], step: int) -> dict[str, Any]:
         if not self.checkpoint_handlers:

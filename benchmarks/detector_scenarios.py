@@ -87,24 +87,24 @@ class Teacher:
         return x + shift, y
 
 
-def _mlp(seed: int, width: int = 128) -> nn.Sequential:
+def mlp(seed: int, width: int = 128) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(IN, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, CLASSES))
 
 
-def _onset(seed: int, steps: int) -> int:
+def onset_step(seed: int, steps: int) -> int:
     return int(torch.randint(steps // 2 - 50, steps // 2 + 100, (1,), generator=torch.Generator().manual_seed(seed)))
 
 
 def run_mlp(scenario: str, seed: int, steps: int = 600) -> Trace:
-    teacher, model = Teacher(seed), _mlp(seed)
+    teacher, model = Teacher(seed), mlp(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fp16 = scenario == "fp16_overflow"
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if fp16 else None
     sink = _Recorder()
     watcher = _watcher(sink, model, opt, scaler)
-    onset = None if scenario in ("healthy", "data_shift") else _onset(seed, steps)
-    shift = _onset(seed, steps) if scenario == "data_shift" else None
+    onset = None if scenario in ("healthy", "data_shift") else onset_step(seed, steps)
+    shift = onset_step(seed, steps) if scenario == "data_shift" else None
     at = onset if onset is not None else steps + 1  # the fault's step (never, when healthy)
     for step in range(steps):
         after = step >= at
@@ -231,7 +231,7 @@ def run_attention(scenario: str, seed: int, steps: int = 400) -> Trace:
     data = _markov_data(seed, steps * 16)
     sink = _Recorder()
     watcher = _watcher(sink, model, opt)
-    onset = _onset(seed, steps)
+    onset = onset_step(seed, steps)
     for step in range(steps):
         if step == onset:
             for group in opt.param_groups:
