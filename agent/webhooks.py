@@ -58,8 +58,11 @@ def check(
         raise WebhookVerificationError("no secret configured")
     if timestamp is None or signature is None:
         raise WebhookVerificationError(f"missing {TIMESTAMP_HEADER} or {SIGNATURE_HEADER} header")
+    text = str(timestamp).strip()
+    if len(text) > 12:  # unix seconds have 10 digits; a huge one would overflow the float maths below
+        raise WebhookVerificationError(f"{TIMESTAMP_HEADER} is not a unix time: {text[:20]!r}...")
     try:
-        sent_at = int(str(timestamp).strip())
+        sent_at = int(text)
     except ValueError:
         raise WebhookVerificationError(f"{TIMESTAMP_HEADER} is not an integer: {timestamp!r}") from None
     current = time.time() if now is None else now

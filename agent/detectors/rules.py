@@ -128,8 +128,8 @@ def make_detector(kind: str, params: Mapping[str, Any], where: str = "") -> Dete
             raise RuleError(f"{where}params: unknown parameter {name!r}{hint}")
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise RuleError(f"{where}params.{name}: must be a number or a string, got {json.dumps(value)}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise RuleError(f"{where}params.{name}: must be finite, got {value}")
+        if isinstance(value, (int, float)) and not _finite(value):
+            raise RuleError(f"{where}params.{name}: must be a finite number of sensible size, got {str(value)[:40]}")
         if isinstance(value, str) and _has_control(value):
             raise RuleError(f"{where}params.{name}: control characters are not allowed")
     try:
@@ -150,6 +150,14 @@ def _check_key(value: Any, where: str) -> str:
     return value
 
 
+def _finite(value: int | float) -> bool:
+    """Finite and representable as a float (a 400-digit JSON integer is not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _has_control(text: str, allowed: str = "") -> bool:
     """NUL and other control characters (PostgreSQL cannot store NUL in text)."""
     return any((ord(c) < 32 or ord(c) == 127) and c not in allowed for c in text)
@@ -158,7 +166,7 @@ def _has_control(text: str, allowed: str = "") -> bool:
 def _number(body: Mapping[str, Any], name: str, default: float, *, minimum: float, integer: bool = False) -> Any:
     value = body.get(name, default)
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < minimum:
+    if isinstance(value, bool) or not ok or not _finite(value) or value < minimum:
         kind = "an integer" if integer else "a number"
         raise RuleError(f"{name}: must be {kind} >= {minimum:g}, got {json.dumps(value)}")
     return int(value) if integer else float(value)
@@ -325,10 +333,28 @@ class RuleEvaluator:
 
 
 def _finding_state(f: Finding) -> list[Any]:
-    value = f.value if math.isfinite(f.value) else str(f.value)
-    return [f.detector, f.step, value, f.severity, f.message, f.baseline, f.score]
+    return [
+        f.detector,
+        f.step,
+        _json_float(f.value),
+        f.severity,
+        f.message,
+        _json_float(f.baseline),
+        _json_float(f.score),
+    ]
+
+
+def _json_float(value: float | None) -> float | str | None:
+    """JSON (and PostgreSQL's json type) have no NaN or Infinity: those become strings."""
+    return value if value is None or math.isfinite(value) else str(value)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _finding_from_state(s: list[Any]) -> Finding:
     detector, step, value, severity, message, baseline, score = s
-    return Finding(detector, int(step), float(value), severity, message, baseline, score)
+    return Finding(
+        detector, int(step), float(value), severity, message, _float_or_none(baseline), _float_or_none(score)
+    )

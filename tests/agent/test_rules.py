@@ -130,3 +130,23 @@ def test_stale_state_is_refused() -> None:
     changed = parse_rule({**SPIKE, "params": {"warmup": 10, "window": 60}})
     with pytest.raises(ValueError, match="does not fit"):
         RuleEvaluator.restore(changed, "loss", state)
+
+
+def test_huge_integers_are_refused_not_crashed_on() -> None:
+    huge = 10**400
+    with pytest.raises(RuleError, match="cooldown_s"):
+        parse_rule({"name": "a", "key": "loss", "detector": "nonfinite", "cooldown_s": huge})
+    with pytest.raises(RuleError, match=r"params\.limit"):
+        parse_rule({"name": "a", "key": "x", "detector": "threshold", "params": {"op": ">", "limit": huge}})
+
+
+def test_state_is_strict_json_even_with_infinite_scores() -> None:
+    body = {**SPIKE, "detector": "gross_magnitude", "params": {"reference": 3, "skip": 0}}
+    spec = parse_rule(body)
+    ev = RuleEvaluator(spec, "loss")
+    for step, value in enumerate([0.0, 0.0, 0.0, 1e10]):  # early maximum 0: the score overflows to inf
+        assert ev.update("loss", step, value) is None  # pending: no grad-norm confirmation yet
+    assert ev.state()["pending"][0][-1] == "inf"
+    text = json.dumps(ev.state(), allow_nan=False)  # PostgreSQL's json type has no Infinity
+    again = RuleEvaluator.restore(spec, "loss", json.loads(text))
+    assert again.state() == ev.state()

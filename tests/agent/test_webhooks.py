@@ -54,3 +54,10 @@ def test_a_replay_outside_the_tolerance_is_rejected() -> None:
         check(SECRET, NOW, signature, BODY, now=NOW + 301)
     assert not verify(SECRET, NOW, signature, BODY, now=NOW + 301)
     assert verify(SECRET, NOW, signature, BODY, tolerance_s=3600, now=NOW + 301)
+
+
+def test_an_absurd_timestamp_is_rejected_not_raised() -> None:
+    huge = "9" * 400
+    assert not verify(SECRET, huge, sign(SECRET, huge, BODY), BODY)
+    with pytest.raises(WebhookVerificationError, match="not a unix time"):
+        check(SECRET, huge, "sha256=00", BODY)
