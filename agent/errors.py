@@ -32,6 +32,10 @@ class ErrorCode(str, Enum):
     RULE_NOT_FOUND = "rule_not_found"
     RULE_EXISTS = "rule_exists"
     ALERT_NOT_FOUND = "alert_not_found"
+    INVALID_COMMAND = "invalid_command"
+    COMMAND_NOT_FOUND = "command_not_found"
+    COMMAND_CONFLICT = "command_conflict"
+    RUN_FINISHED = "run_finished"
 
 
 # code -> (HTTP status, websocket close code). 4xxx close codes are application-defined
@@ -57,6 +61,10 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, int]] = {
     ErrorCode.RULE_NOT_FOUND: (404, 4404),
     ErrorCode.RULE_EXISTS: (409, 4409),
     ErrorCode.ALERT_NOT_FOUND: (404, 4404),
+    ErrorCode.INVALID_COMMAND: (422, 4422),
+    ErrorCode.COMMAND_NOT_FOUND: (404, 4404),
+    ErrorCode.COMMAND_CONFLICT: (409, 4409),
+    ErrorCode.RUN_FINISHED: (409, 4409),
 }
 
 

@@ -4,6 +4,10 @@ The event loop only reads frames, decodes them (msgpack of packed arrays: cheap)
 batches to the ingest writer thread; acks go out in seq order as commits finish. At most
 ``max_inflight_batches`` batches per connection wait for the writer; past that the loop
 stops reading, and TCP pushes back on the agent.
+
+Commands: after ``welcome`` the connection joins the command hub (not a replay's: it applies
+nothing), which sends it ``cmd`` frames; the agent's ``cmd_result`` frames are recorded in the
+store in arrival order (see ``commands.record_result``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from trimtab import protocol
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, Bye, CmdResult, Heartbeat, Hello, ProtocolError
+from trimtab.server import commands
+from trimtab.server.commands import Command
 from trimtab.server.context import ServerContext
 
 logger = logging.getLogger("trimtab.server")
@@ -39,6 +45,8 @@ class AgentConnection:
         self._inflight = asyncio.Semaphore(ctx.settings.max_inflight_batches)
         self._pending: set[asyncio.Future[str]] = set()
         self._closing = False
+        self._sent_commands: set[str] = set()  # ids sent on this connection (each goes out once)
+        self._hub = False
 
     async def serve(self) -> None:
         await self.ws.accept()
@@ -57,6 +65,9 @@ class AgentConnection:
                 acked,
             )
             self._out.put_nowait(protocol.welcome_frame(self.run_id, acked))
+            if self.ctx.commands is not None and not hello.replay:
+                self._hub = True
+                await self.ctx.commands.connected(self)  # the run's open commands go out after welcome
             await self._read_loop()
         except TrimtabError as exc:
             logger.warning("agent %s (run %s): %s", self.peer, self.run_id or "-", exc)
@@ -69,6 +80,8 @@ class AgentConnection:
             )
             self._fail(TrimtabError(ErrorCode.INTERNAL, "internal server error (logged on the server)"))
         finally:
+            if self._hub and self.ctx.commands is not None:
+                self.ctx.commands.disconnected(self)
             if self._pending:
                 await asyncio.wait(self._pending)  # let commits finish; acks may still go out
             self._out.put_nowait(_CLOSE)
@@ -126,7 +139,16 @@ class AgentConnection:
                     logger.info("agent %s: run %s rank %d said bye", self.peer, self.run_id, self.rank)
                 return
             elif isinstance(frame, CmdResult):
-                logger.info("agent %s (run %s): command %s %s", self.peer, self.run_id, frame.id, frame.status)
+                outcome = await run_in_threadpool(commands.record_result, self.ctx.store, self.run_id, self.rank, frame)
+                logger.info(
+                    "agent %s (run %s rank %d): command %s %s (%s)",
+                    self.peer,
+                    self.run_id,
+                    self.rank,
+                    frame.id,
+                    frame.status,
+                    outcome.value,
+                )
             elif isinstance(frame, Hello):
                 raise ProtocolError(ErrorCode.BAD_FRAME, "hello was already received on this connection")
 
@@ -164,6 +186,13 @@ class AgentConnection:
             error.message,
         )
         self._fail(error)  # the agent reconnects later and resends everything unacked
+
+    def send_command(self, command: Command) -> None:
+        """Queue a ``cmd`` frame, once per id on this connection (the hub may offer it again)."""
+        if self._closing or command.id in self._sent_commands:
+            return
+        self._sent_commands.add(command.id)
+        self._out.put_nowait(protocol.cmd_frame(command.id, command.kind, command.args))
 
     def _fail(self, exc: TrimtabError) -> None:
         if self._closing:

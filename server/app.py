@@ -18,6 +18,8 @@ from trimtab.server.alerts import AlertEngine
 from trimtab.server.alerts_api import router as alerts_router
 from trimtab.server.api import router
 from trimtab.server.auth import Authenticator
+from trimtab.server.command_hub import CommandHub
+from trimtab.server.commands_api import router as commands_router
 from trimtab.server.context import ServerContext
 from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.engine import make_engine
@@ -43,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         alerts=alerts,
         auth=Authenticator(store, enabled=settings.auth, cache_s=settings.token_cache_s),
         delivery=DeliveryWorker(store, settings),
+        commands=CommandHub(store, sweep_s=settings.command_sweep_s),
     )
 
     @asynccontextmanager
@@ -54,9 +57,13 @@ def create_app(settings: Settings) -> FastAPI:
         ctx.writer.start()
         if ctx.delivery is not None:
             ctx.delivery.start()
+        if ctx.commands is not None:
+            ctx.commands.start()
         try:
             yield
         finally:
+            if ctx.commands is not None:
+                await ctx.commands.stop()
             ctx.writer.stop()
             alerts.stop()  # after the writer: it evaluates the last batches and saves detector state
             if ctx.delivery is not None:
@@ -66,7 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="trimtab",
         version=__version__,
-        description="Training-run health: ingest, query and (soon) steer. Errors are "
+        description="Training-run health: ingest, query and steer. Errors are "
         '`{"error": {"code", "message"}}`; non-finite floats are the strings "NaN", "Infinity", "-Infinity".',
         lifespan=lifespan,
     )
@@ -75,6 +82,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.include_router(alerts_router)
     app.include_router(sinks_router)
+    app.include_router(commands_router)
     app.add_api_websocket_route(WS_PATH, agent_socket)
 
     @app.get("/", include_in_schema=False)

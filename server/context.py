@@ -1,4 +1,5 @@
-"""What the request handlers share: settings, the store, the ingest writer, the authenticator."""
+"""What the request handlers share: settings, the store, the ingest writer, the authenticator,
+the alert engine, the delivery worker and the command hub."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 from trimtab.server.alerts import AlertEngine
 from trimtab.server.auth import Authenticator
+from trimtab.server.command_hub import CommandHub
 from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
@@ -20,3 +22,4 @@ class ServerContext:
     auth: Authenticator
     alerts: AlertEngine | None = None  # runs the alert rules on committed batches
     delivery: DeliveryWorker | None = None  # sends the alert outbox; wake() it after queueing
+    commands: CommandHub | None = None  # the agent connections of this process, by run; delivers commands

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     delivery_per_sink: int = Field(default=4, ge=1)
     # The worker also looks for due rows this often (rows other replicas queued, lost wake-ups).
     delivery_poll_s: float = Field(default=2.0, gt=0)
+    # Commands (command_hub.py): this often, overdue ones expire and the agents connected here
+    # get the commands created through other replicas.
+    command_sweep_s: float = Field(default=1.0, gt=0)
 
     @property
     def database_url(self) -> str:

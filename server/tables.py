@@ -248,3 +248,27 @@ detector_states = Table(
     Column("updated_at", Double, nullable=False),
     PrimaryKeyConstraint("run_id", "rank", "rule_name", "key"),
 )
+
+# ---------------------------------------------------------------- control
+
+commands = Table(
+    "commands",
+    metadata,
+    # the client's idempotency id, a server uuid4 hex, or the agent's id for an autopilot action
+    Column("id", String(64), primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("args", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # pending | delivered | applied | rejected | expired
+    Column("source", String(16), nullable=False),  # human | autopilot
+    Column("created_by", String(128), nullable=False),  # the token's name, or "autopilot"
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Column("delivered_at", Double, nullable=True),
+    Column("finished_at", Double, nullable=True),  # applied, rejected or expired
+    Column("step", BigInteger, nullable=True),  # rank 0's step where it took effect
+    Column("detail", JSON, nullable=True),  # rank 0's before/after summary, or the rejection reason
+    Column("ranks", JSON, nullable=False),  # {"<rank>": {"status", "step", "detail"}}
+    Index("ix_commands_run_id_created_at", "run_id", "created_at"),
+    Index("ix_commands_status_expires_at", "status", "expires_at"),
+)
