@@ -298,3 +298,28 @@ def test_the_listing_is_in_creation_order_with_filters_and_pages(server: ServerP
     for bad in ("status=done", "source=robot", "limit=0", "limit=1001", "order=random", "after=nope"):
         status, body = call(server, "GET", f"{base}?{bad}")
         assert (status, body["error"]["code"]) == (422, "invalid_request"), bad
+
+
+def test_ranks_answering_at_the_same_time_each_keep_their_entry(server: ServerProcess) -> None:
+    barrier = Barrier()
+    with WireAgent(server, "race", rank=0, world_size=2) as rank0, WireAgent(server, "race", 1, 2) as rank1:
+        run_id = rank0.run_id
+        ids = [f"r{i}" for i in range(30)]
+        for ident in ids:
+            send(server, run_id, {"id": ident, "kind": "checkpoint"})
+        for agent in (rank0, rank1):
+            assert [frame(agent)["id"] for _ in ids] == ids
+        for ident in ids:  # both connections' results are recorded concurrently, row by row
+            for agent, step in ((rank0, 10), (rank1, 11)):
+                result(agent, ident, "delivered")
+                result(agent, ident, "applied", step, {"rank": agent.rank})
+        barrier(rank0)
+        barrier(rank1)
+    status, listed = call(server, "GET", f"/api/v1/runs/{run_id}/commands?limit=1000")
+    assert status == 200
+    assert [(c["id"], c["status"], c["step"]) for c in listed] == [(i, "applied", 10) for i in ids]
+    for c in listed:
+        assert c["ranks"] == {
+            "0": {"status": "applied", "step": 10, "detail": {"rank": 0}},
+            "1": {"status": "applied", "step": 11, "detail": {"rank": 1}},
+        }, c["id"]
