@@ -235,10 +235,14 @@ def expire(store: Store, now: float | None = None) -> int:
     """Mark every command still pending or delivered past its ``expires_at`` as expired."""
     now = time.time() if now is None else now
     c = commands.c
+    overdue = (c.status.in_(OPEN), c.expires_at <= now)
     with store.transaction() as conn:
+        # Read first: an UPDATE would take SQLite's write lock every sweep, even with nothing to do.
+        if conn.execute(select(c.id).where(*overdue).limit(1)).first() is None:
+            return 0
         done = conn.execute(
             update(commands)
-            .where(c.status.in_(OPEN), c.expires_at <= now)
+            .where(*overdue)
             .values(status=EXPIRED, finished_at=now, detail={"reason": "expired before the agent applied it"})
         )
         return int(done.rowcount or 0)
