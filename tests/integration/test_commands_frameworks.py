@@ -24,8 +24,11 @@ def send(server: ServerProcess, run_id: int, kind: str, **args: Any) -> str:
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         ident: str = json.loads(resp.read())["id"]
-    status = lambda: server.get(f"/api/v1/runs/{run_id}/commands/{ident}")["status"]  # noqa: E731
-    wait_until(lambda: status() != "pending", 30, f"the agent to receive {kind}")  # in its inbox now
+
+    def received() -> bool:
+        return bool(server.get(f"/api/v1/runs/{run_id}/commands/{ident}")["status"] != "pending")
+
+    wait_until(received, 30, f"the agent to receive {kind}")  # in its inbox now
     return ident
 
 
@@ -124,7 +127,7 @@ def test_hugging_face_trainer_skips_and_stops(server: ServerProcess, tmp_path: P
                 sent["stop"] = send(server, run_id, "stop")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            weights[state.global_step] = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # type: ignore[union-attr,index]
+            weights[state.global_step] = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # type: ignore[union-attr,index,operator]
 
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
