@@ -70,9 +70,10 @@ class AutopilotOptions:
 
 
 class Autopilot:
-    def __init__(self, control: Controller, options: AutopilotOptions, world_size: int = 1) -> None:
+    def __init__(self, control: Controller, options: AutopilotOptions, world_size: int = 1, run_uid: str = "") -> None:
         options.check()
         self.control, self.opts = control, options
+        self.run_uid = run_uid or uuid.uuid4().hex
         self.use_loss = world_size <= 1
         self.loss_spike = RobustSpike(z=options.spike_z)
         self.grad_spike = RobustSpike(z=options.spike_z)
@@ -175,4 +176,7 @@ class Autopilot:
             self._reduce(step, "after a rollback for divergence")
 
     def _report(self, step: int, kind: str, args: dict[str, Any], detail: dict[str, Any]) -> None:
-        self.control.record_automatic(f"auto-{uuid.uuid4().hex}", kind, args, step, detail)
+        # The same id on every rank (they take the same decisions): the server merges the
+        # ranks' reports into one command with one entry per rank.
+        ident = f"auto-{self.run_uid[:16]}-{step}-{kind}"
+        self.control.record_automatic(ident, kind, args, step, detail)

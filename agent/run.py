@@ -246,7 +246,7 @@ class Run:
             self._autopilot = None
             return
         opts = AutopilotOptions(**options)
-        self._autopilot = Autopilot(self._control, opts, self.identity.world_size)
+        self._autopilot = Autopilot(self._control, opts, self.identity.world_size, self.uid)
 
     def command_history(self) -> list[dict[str, Any]]:
         """The commands this process applied or rejected, oldest first (the last 1000): id,
@@ -411,6 +411,10 @@ class Run:
         """Every final command result is also an event in the run's stream (chart markers)."""
         level = "info" if result.get("status") == "applied" else "warning"
         self._sink.emit_event("command", result.get("step"), dict(result), level)
+        step = result.get("step")
+        if (result.get("detail") or {}).get("source") == "autopilot" and isinstance(step, int):
+            # A scalar as well, so the shipped `autopilot-acted` rule alerts on automatic actions.
+            self._put_scalars(step, time.time(), {"autopilot/actions": 1.0})
 
     def _set_id(self, run_id: int) -> None:
         self._id = run_id

@@ -22,9 +22,14 @@ REMEDY_DEAD = "Units have died: lower the LR, check the initialisation, or use a
 REMEDY_VANISHING = "Gradients shrink or grow across depth: add normalisation, scale residual branches, revisit init."
 REMEDY_UPDATE = "Updates are too large for the weights: lower the LR for these parameters, or add weight decay."
 REMEDY_ATTENTION = "Attention logits are growing: add qk-layernorm or a z-loss, and lower the LR."
+REMEDY_AUTOPILOT = (
+    "The autopilot acted on its own (skipped updates, cut the LR or rolled back): check the run's "
+    "commands with source=autopilot, and the alert that explains why."
+)
 REMEDY_THRESHOLD = "A watched value crossed its limit: check the run's recent changes (data, LR, batch size)."
 
 _BY_KEY = (
+    ("autopilot/", REMEDY_AUTOPILOT),
     ("attn", REMEDY_ATTENTION),
     ("act/", REMEDY_DEAD),
     ("update_ratio/", REMEDY_UPDATE),
@@ -63,6 +68,12 @@ _SPIKE_CONFIRM: dict[str, Any] = {
 
 _DEFAULTS: tuple[dict[str, Any], ...] = (
     {"name": "nonfinite-loss", "key": "loss", "detector": "nonfinite"},
+    {
+        "name": "autopilot-acted",
+        "key": "autopilot/actions",
+        "detector": "threshold",
+        "params": {"op": ">", "limit": 0.0},
+    },
     {"name": "nonfinite-grad-norm", "key": "grad_norm/total", "detector": "nonfinite"},
     {
         "name": "loss-spike",

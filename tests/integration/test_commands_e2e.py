@@ -205,3 +205,45 @@ def test_bad_commands_get_a_clear_4xx(server: ServerProcess, tmp_path: Path) -> 
         trainer.max_steps = 0
         trainer.join(30)
         trainer.agent.finish(timeout=30)
+
+
+def test_autopilot_actions_are_recorded_and_alerted_like_commands(server: ServerProcess, tmp_path: Path) -> None:
+    trainer = Trainer(server, tmp_path, "autopilot")
+    trainer.agent.autopilot()
+    poisoned = {"step": -1}
+    first = trainer.first
+
+    def poison(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if trainer.step_no == poisoned["step"]:
+            return output * float("nan")
+        return output
+
+    first.register_forward_hook(poison)
+    trainer.start()
+    run_id = trainer.agent.wait_for_id(30)
+    assert run_id is not None
+    try:
+        wait_until(lambda: trainer.step_no > 30, 30, "training to start")
+        poisoned["step"] = trainer.step_no + 2
+        target = poisoned["step"]
+        wait_until(lambda: trainer.step_no > target + 2, 30, "the poisoned step")
+        assert torch.isfinite(first.weight).all()  # the NaN update was rejected
+
+        def auto() -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = server.get(f"/api/v1/runs/{run_id}/commands?source=autopilot")
+            return got
+
+        wait_until(lambda: bool(auto()), 30, "the autopilot's report")
+        (cmd,) = auto()
+        assert cmd["kind"] == "skip_batches" and cmd["step"] == target and cmd["created_by"] == "autopilot"
+        assert cmd["status"] == "applied" and "non-finite" in cmd["detail"]["reason"]
+
+        def alerted() -> list[dict[str, Any]]:
+            return [a for a in server.get(f"/api/v1/runs/{run_id}/alerts") if a["rule"] == "autopilot-acted"]
+
+        wait_until(lambda: bool(alerted()), 30, "the autopilot-acted alert")
+        assert alerted()[0]["first_step"] == target and "autopilot" in alerted()[0]["remedy"]
+    finally:
+        trainer.max_steps = 0
+        trainer.join(30)
+        trainer.agent.finish(timeout=30)
