@@ -33,7 +33,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("trimtab")
 
-BUILTIN = ("reduce_lr", "set_lr", "set_hparams", "skip_batches", "rollback", "checkpoint", "pause", "resume", "stop")
+BUILTIN = (
+    "reduce_lr",
+    "set_lr",
+    "set_hparams",
+    "skip_batches",
+    "rollback",
+    "checkpoint",
+    "pause",
+    "resume",
+    "stop",
+    "set_autopilot",
+)
 REMEMBERED = 1000  # final results kept for redelivered ids
 PAUSE_POLL_S = 0.5
 
@@ -71,6 +82,8 @@ class Controller:
         self._outgoing: deque[dict[str, Any]] = deque()
         self._autopilot: deque[dict[str, Any]] = deque(maxlen=REMEMBERED)
         self.history: deque[dict[str, Any]] = deque(maxlen=REMEMBERED)  # final results, with kind and args
+        # Run's hook for set_autopilot: (enabled, options) -> summary; ValueError/TypeError = rejected
+        self.configure_autopilot: Callable[[bool, dict[str, Any]], dict[str, Any]] | None = None
         self._on_result = on_result
         self.handlers: dict[str, Handler] = {}
         self.checkpoint_handlers: list[Callable[[int], Any]] = []
@@ -237,6 +250,7 @@ class Controller:
             "pause": self._pause,
             "resume": self._resume,
             "stop": self._stop,
+            "set_autopilot": self._set_autopilot,
         }.get(kind)
         if builtin is not None:
             return builtin(args, step)
@@ -345,6 +359,19 @@ class Controller:
             raise Rejected("resume: the run is not paused")
         self.paused = False
         return {"paused": False}
+
+    def _set_autopilot(self, args: dict[str, Any], step: int) -> dict[str, Any]:
+        """A policy from the server: ``{"enabled": bool, <AutopilotOptions field>: value, ...}``."""
+        if self.configure_autopilot is None:
+            raise Rejected("set_autopilot: this process cannot run an autopilot")
+        options = dict(args)
+        enabled = options.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise Rejected(f"set_autopilot: enabled must be true or false, got {enabled!r}")
+        try:
+            return self.configure_autopilot(enabled, options)
+        except (TypeError, ValueError) as exc:
+            raise Rejected(f"set_autopilot: {exc}") from None
 
     def _stop(self, args: dict[str, Any], step: int) -> dict[str, Any]:
         self.stop_requested = True

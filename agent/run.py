@@ -67,6 +67,7 @@ class Run:
         )
         self._control = Controller(on_result=self._command_event)
         self._control.lockstep = _lockstep(opts, self.uid)
+        self._control.configure_autopilot = self._configure_autopilot
         self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
@@ -247,6 +248,16 @@ class Run:
             return
         opts = AutopilotOptions(**options)
         self._autopilot = Autopilot(self._control, opts, self.identity.world_size, self.uid)
+
+    def _configure_autopilot(self, enabled: bool, options: dict[str, Any]) -> dict[str, Any]:
+        """The ``set_autopilot`` command (a policy pushed by the server), on the training thread."""
+        from trimtab.autopilot import AutopilotOptions
+
+        unknown = sorted(set(options) - set(AutopilotOptions.names()))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(AutopilotOptions.names())}")
+        self.autopilot(enabled, **options)
+        return {"enabled": enabled, "options": options}
 
     def command_history(self) -> list[dict[str, Any]]:
         """The commands this process applied or rejected, oldest first (the last 1000): id,

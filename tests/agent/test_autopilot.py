@@ -129,3 +129,18 @@ def test_divergence_rolls_back_to_a_snapshot_before_the_rise(run: trimtab.Run) -
     assert rollbacks, [h["kind"] for h in auto(run)]
     assert rollbacks[0]["detail"]["restored_step"] <= 300
     assert any(h["kind"] == "reduce_lr" and h["step"] == rollbacks[0]["step"] for h in auto(run))
+
+
+def test_a_policy_from_the_server_turns_it_on_and_off(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    control = run._control  # as the sender hands over a cmd frame
+    control.receive({"id": "p1", "kind": "set_autopilot", "args": {"enabled": True, "spike_z": 30.0}})
+    control.receive({"id": "p2", "kind": "set_autopilot", "args": {"sneaky": 1}})
+    train(run, model, opt, range(3))
+    p1, p2 = [h for h in run.command_history() if h["id"] in ("p1", "p2")]
+    assert p1["status"] == "applied" and run._autopilot is not None and run._autopilot.opts.spike_z == 30.0
+    assert p2["status"] == "rejected" and "unknown option(s) sneaky" in p2["detail"]["reason"]
+    control.receive({"id": "p3", "kind": "set_autopilot", "args": {"enabled": False}})
+    train(run, model, opt, range(3, 4))
+    assert run._autopilot is None
