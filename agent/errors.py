@@ -36,6 +36,8 @@ class ErrorCode(str, Enum):
     COMMAND_NOT_FOUND = "command_not_found"
     COMMAND_CONFLICT = "command_conflict"
     RUN_FINISHED = "run_finished"
+    INVALID_POLICY = "invalid_policy"
+    POLICY_NOT_FOUND = "policy_not_found"
 
 
 # code -> (HTTP status, websocket close code). 4xxx close codes are application-defined
@@ -65,6 +67,8 @@ ERROR_TABLE: dict[ErrorCode, tuple[int, int]] = {
     ErrorCode.COMMAND_NOT_FOUND: (404, 4404),
     ErrorCode.COMMAND_CONFLICT: (409, 4409),
     ErrorCode.RUN_FINISHED: (409, 4409),
+    ErrorCode.INVALID_POLICY: (422, 4422),
+    ErrorCode.POLICY_NOT_FOUND: (404, 4404),
 }
 
 

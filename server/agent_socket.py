@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from trimtab import protocol
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, Bye, CmdResult, Heartbeat, Hello, ProtocolError
-from trimtab.server import commands
+from trimtab.server import autopilot_policies, commands
 from trimtab.server.commands import Command
 from trimtab.server.context import ServerContext
 
@@ -55,7 +55,9 @@ class AgentConnection:
             await run_in_threadpool(self.ctx.auth.authenticate, self.ws.headers.get("authorization"), "ingest")
             hello = await self._hello()
             self.rank = hello.rank
-            self.run_id, acked = await run_in_threadpool(self.ctx.store.open_run, hello)
+            # a new run of a project with an autopilot policy gets it as a command (sent below)
+            on_created = functools.partial(autopilot_policies.run_created, self.ctx.store)
+            self.run_id, acked = await run_in_threadpool(self.ctx.store.open_run, hello, on_created)
             logger.info(
                 "agent %s: run %s (%s) rank %d connected, acked seq %d",
                 self.peer,

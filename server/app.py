@@ -18,6 +18,7 @@ from trimtab.server.alerts import AlertEngine
 from trimtab.server.alerts_api import router as alerts_router
 from trimtab.server.api import router
 from trimtab.server.auth import Authenticator
+from trimtab.server.autopilot_api import router as autopilot_router
 from trimtab.server.command_hub import CommandHub
 from trimtab.server.commands_api import router as commands_router
 from trimtab.server.context import ServerContext
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(alerts_router)
     app.include_router(sinks_router)
     app.include_router(commands_router)
+    app.include_router(autopilot_router)
     app.add_api_websocket_route(WS_PATH, agent_socket)
 
     @app.get("/", include_in_schema=False)

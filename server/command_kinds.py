@@ -12,9 +12,10 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, get_type_hints
 
+from trimtab.autopilot import AutopilotOptions
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import INT64_MAX, json_problem
 
@@ -159,6 +160,44 @@ def _rollback(args: Mapping[str, Any]) -> None:
         raise invalid(f"rollback: 'to_step' must be an integer >= 0, got {args['to_step']!r}")
 
 
+# set_autopilot's options: AutopilotOptions' own fields and types (trimtab.autopilot imports no
+# torch), so the server accepts exactly what the agent's autopilot takes.
+_HINTS = get_type_hints(AutopilotOptions)
+AUTOPILOT_OPTIONS: dict[str, type] = {f.name: _HINTS[f.name] for f in fields(AutopilotOptions)}
+AUTOPILOT_ENABLED = "enabled"
+
+
+def autopilot_problem(args: Mapping[str, Any]) -> str | None:
+    """Why ``args`` is not a valid autopilot policy (``{"enabled"?: bool, <option>: value}``),
+    naming the field, or None. The ranges are ``AutopilotOptions.check``'s."""
+    unknown = sorted(set(args) - {AUTOPILOT_ENABLED} - set(AUTOPILOT_OPTIONS))
+    if unknown:
+        known = ", ".join([AUTOPILOT_ENABLED, *AUTOPILOT_OPTIONS])
+        return f"unknown field(s) {', '.join(map(repr, unknown))} (known: {known})"
+    if not isinstance(args.get(AUTOPILOT_ENABLED, True), bool):
+        return f"'enabled' must be true or false, got {args[AUTOPILOT_ENABLED]!r}"
+    options = {name: value for name, value in args.items() if name != AUTOPILOT_ENABLED}
+    for name, value in options.items():
+        want = AUTOPILOT_OPTIONS[name]
+        if want is bool and not isinstance(value, bool):
+            return f"{name!r} must be true or false, got {value!r}"
+        if want is int and not (_is_int(value) and 0 <= value <= INT64_MAX):
+            return f"{name!r} must be an integer >= 0, got {value!r}"
+        if want is float and not _is_number(value):
+            return f"{name!r} must be a finite number, got {value!r}"
+    try:
+        AutopilotOptions(**options).check()
+    except ValueError as exc:
+        return str(exc).removeprefix("autopilot: ")
+    return None
+
+
+def _set_autopilot(args: Mapping[str, Any]) -> None:
+    problem = autopilot_problem(args)
+    if problem is not None:
+        raise invalid(f"set_autopilot: {problem}")
+
+
 def _no_args(kind: str) -> Callable[[Mapping[str, Any]], None]:
     def check(args: Mapping[str, Any]) -> None:
         _fields(kind, args, ())
@@ -176,4 +215,5 @@ BUILTIN_KINDS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "pause": _no_args("pause"),
     "resume": _no_args("resume"),
     "stop": _no_args("stop"),
+    "set_autopilot": _set_autopilot,
 }

@@ -110,39 +110,47 @@ def _command(row: Any) -> Command:
 def create(store: Store, run_id: int, request: CommandRequest, created_by: str) -> tuple[Command, bool]:
     """Store a new pending command; (command, created). The same id again returns the stored
     command when its kind and args are the same, and is ``command_conflict`` otherwise."""
+    with store.transaction() as conn:
+        return create_in(store, conn, run_id, request, created_by)
+
+
+def create_in(
+    store: Store, conn: Connection, run_id: int, request: CommandRequest, created_by: str
+) -> tuple[Command, bool]:
+    """``create`` within the caller's transaction (an autopilot policy stores its command
+    with the policy change that caused it)."""
     ident = request.id or uuid.uuid4().hex
     now = time.time()
-    with store.transaction() as conn:
-        status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
-        if status is None:
-            raise TrimtabError(ErrorCode.RUN_NOT_FOUND, f"no run with id {run_id}")
-        if request.id is not None:
-            existing = _get(conn, ident)
-            if existing is not None:
-                return _same(existing, run_id, request), False
-        if status == "finished":
-            raise TrimtabError(
-                ErrorCode.RUN_FINISHED, f"run {run_id} has finished: there is no training loop left to steer"
-            )
-        row = {
-            "id": ident,
-            "run_id": run_id,
-            "kind": request.kind,
-            "args": request.args,
-            "status": PENDING,
-            "source": HUMAN,
-            "created_by": created_by[:128],
-            "created_at": now,
-            "expires_at": now + request.expires_in_s,
-            "ranks": {},
-        }
-        if _insert(store, conn, row):
-            created = _get(conn, ident)
-            assert created is not None
-            return created, True
-        raced = _get(conn, ident)  # a concurrent request with the same id got there first
-        assert raced is not None
-        return _same(raced, run_id, request), False
+    status = conn.execute(select(runs.c.status).where(runs.c.id == run_id)).scalar()
+    if status is None:
+        raise TrimtabError(ErrorCode.RUN_NOT_FOUND, f"no run with id {run_id}")
+    if request.id is not None:
+        existing = _get(conn, ident)
+        if existing is not None:
+            return _same(existing, run_id, request), False
+    if status == "finished":
+        raise TrimtabError(
+            ErrorCode.RUN_FINISHED, f"run {run_id} has finished: there is no training loop left to steer"
+        )
+    row = {
+        "id": ident,
+        "run_id": run_id,
+        "kind": request.kind,
+        "args": request.args,
+        "status": PENDING,
+        "source": HUMAN,
+        "created_by": created_by[:128],
+        "created_at": now,
+        "expires_at": now + request.expires_in_s,
+        "ranks": {},
+    }
+    if _insert(store, conn, row):
+        created = _get(conn, ident)
+        assert created is not None
+        return created, True
+    raced = _get(conn, ident)  # a concurrent request with the same id got there first
+    assert raced is not None
+    return _same(raced, run_id, request), False
 
 
 def _same(existing: Command, run_id: int, request: CommandRequest) -> Command:

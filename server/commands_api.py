@@ -24,8 +24,8 @@ CommandBody = Annotated[
     Any,
     Body(
         description="kind (reduce_lr, set_lr, set_hparams, skip_batches, rollback, checkpoint, pause, resume, stop, "
-        "or a kind the training script registered), args, optionally id (for idempotent retries) and expires_in_s "
-        "(default 3600, at most 7 days); docs/commands.md",
+        "set_autopilot, or a kind the training script registered), args, optionally id (for idempotent retries) "
+        "and expires_in_s (default 3600, at most 7 days); docs/commands.md",
         examples=[{"kind": "reduce_lr", "args": {"factor": 0.5}}, {"kind": "skip_batches", "args": {"n": 3}}],
     ),
 ]

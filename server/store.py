@@ -11,7 +11,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,9 @@ from trimtab.server.engine import is_sqlite
 from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, projects, runs, scalar_points
 
 logger = logging.getLogger("trimtab.server")
+
+# Called as (conn, run_id, project_id) inside the transaction that creates a run.
+RunCreated = Callable[[Connection, int, int], object]
 
 RUN_COLUMNS = (
     runs.c.id,
@@ -111,8 +114,9 @@ class Store:
             conn.execute(select(1))
 
     # ------------------------------------------------------------------ runs lifecycle
-    def open_run(self, hello: Hello) -> tuple[int, int]:
+    def open_run(self, hello: Hello, on_created: RunCreated | None = None) -> tuple[int, int]:
         """Find or create the run named by ``hello``. Returns (run id, acked seq).
+        ``on_created(conn, run_id, project_id)`` runs in the transaction that creates a run.
 
         Every rank of a multi-process run says hello with the same uid: the run's world size
         becomes the largest any rank reported. Rank 0 owns the run's state: only its hello
@@ -136,6 +140,8 @@ class Store:
                 "drops": {},
             }
             run_id, created = self.get_or_create(conn, runs, {"uid": hello.run.uid}, new_run, conflict=["uid"])
+            if created and on_created is not None:
+                on_created(conn, run_id, project_id)
             if not created:  # an existing run: an agent reconnecting, or another rank of it
                 owner = conn.execute(select(runs.c.project_id).where(runs.c.id == run_id)).scalar_one()
                 if owner != project_id:
@@ -164,10 +170,16 @@ class Store:
         if found is not None:
             return int(found), False
         insert_ = sqlite_insert if self.sqlite else pg_insert
+        # RETURNING, not rowcount: psycopg reports -1 rows for an INSERT through SQLAlchemy
         inserted = conn.execute(
-            insert_(table).values(**ident, **extra).on_conflict_do_nothing(index_elements=conflict)
-        ).rowcount
-        return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), inserted == 1
+            insert_(table)
+            .values(**ident, **extra)
+            .on_conflict_do_nothing(index_elements=conflict)
+            .returning(table.c.id)
+        ).scalar()
+        if inserted is not None:
+            return int(inserted), True
+        return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), False
 
     @staticmethod
     def _acked_seq(conn: Connection, run_id: int, rank: int, resume_from: int) -> int:

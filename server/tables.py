@@ -272,3 +272,31 @@ commands = Table(
     Index("ix_commands_run_id_created_at", "run_id", "created_at"),
     Index("ix_commands_status_expires_at", "status", "expires_at"),
 )
+
+autopilot_policies = Table(
+    "autopilot_policies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    # NULL: the project's policy; a run id: that run's own, in force instead of the project's
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=True),
+    Column("policy", JSON, nullable=False),  # set_autopilot's args: {"enabled": bool, <option>: value}
+    Column("updated_at", Double, nullable=False),
+    Column("updated_by", String(128), nullable=False),  # the token's name
+    # One policy per project and one per run: partial indexes, as for alert_rules (a unique
+    # constraint over a NULL run_id would let a project have any number).
+    Index(
+        "uq_autopilot_policies_project_id",
+        "project_id",
+        unique=True,
+        sqlite_where=text("run_id IS NULL"),
+        postgresql_where=text("run_id IS NULL"),
+    ),
+    Index(
+        "uq_autopilot_policies_run_id",
+        "run_id",
+        unique=True,
+        sqlite_where=text("run_id IS NOT NULL"),
+        postgresql_where=text("run_id IS NOT NULL"),
+    ),
+)
