@@ -116,6 +116,7 @@ class DeliveryWorker:
         self._stopping = False
         self._busy: dict[int, int] = {}  # sink id -> deliveries in flight
         self._tasks: dict[asyncio.Task[None], Claimed] = {}
+        self.claims = 0  # claim transactions run, for stats: an idle worker runs few
         self._thread = threading.Thread(target=self._run, name="trimtab-delivery", daemon=True)
 
     # ------------------------------------------------------------------ control (any thread)
@@ -155,11 +156,16 @@ class DeliveryWorker:
             while not self._stopping:
                 self._event.clear()
                 delay = self.settings.delivery_poll_s
+                looked = time.time()
                 try:
-                    while not self._stopping and await self._claim_and_send(client):
-                        pass
-                    due = await asyncio.to_thread(self._next_due)
-                    if due is not None:
+                    while not self._stopping:
+                        looked = time.time()
+                        if not await self._claim_and_send(client):
+                            break
+                    due = await asyncio.to_thread(self._next_due, dict(self._busy))
+                    # A row due before the claim that found nothing is one it could not take
+                    # (another replica holds it): look again at the next poll, not at once.
+                    if due is not None and due > looked:
                         delay = min(delay, max(0.0, due - time.time()))
                 except Exception as exc:
                     logger.warning("delivery worker: cannot read the outbox (%s); retrying", exc)
@@ -221,6 +227,7 @@ class DeliveryWorker:
     def _claim(self, limit: int, busy: dict[int, int]) -> list[Claimed]:
         # Long enough that a live worker always records its outcome before anyone may reclaim.
         lease_s = self.settings.delivery_timeout_s * 2 + 30
+        self.claims += 1
         with self.store.transaction() as conn:
             return outbox.claim(
                 conn,
@@ -232,9 +239,9 @@ class DeliveryWorker:
                 skip_locked=not self.store.sqlite,
             )
 
-    def _next_due(self) -> float | None:
+    def _next_due(self, busy: dict[int, int]) -> float | None:
         with self.store.transaction() as conn:
-            return outbox.next_due(conn)
+            return outbox.next_due(conn, outbox.full_sinks(busy, self.settings.delivery_per_sink))
 
     def _record(self, item: Claimed, outcome: Outcome) -> None:
         now = time.time()

@@ -76,13 +76,12 @@ class Claimed:
     created_at: float
 
 
-def _due(now: float) -> Any:
-    """Pending, due, of an enabled sink, and the oldest pending row of its (alert, sink):
-    a sink never hears "resolved" before the "firing" it follows."""
+def _sendable() -> Any:
+    """Pending, of an enabled sink, and the oldest pending row of its (alert, sink): a sink
+    never hears "resolved" before the "firing" it follows."""
     older = aliased(alert_deliveries)
     return and_(
         alert_deliveries.c.status == PENDING,
-        alert_deliveries.c.next_attempt_at <= now,
         sinks.c.enabled.is_(True),
         ~exists().where(
             older.c.alert_id == alert_deliveries.c.alert_id,
@@ -117,11 +116,11 @@ def claim(
     query = (
         select(*columns)
         .join(sinks, sinks.c.id == alert_deliveries.c.sink_id)
-        .where(_due(now))
+        .where(_sendable(), alert_deliveries.c.next_attempt_at <= now)
         .order_by(alert_deliveries.c.next_attempt_at, alert_deliveries.c.id)
         .limit(limit * 4)
     )
-    full = [sink for sink, n in busy.items() if n >= per_sink]
+    full = full_sinks(busy, per_sink)
     if full:  # else a sink with a long backlog could fill every candidate slot
         query = query.where(alert_deliveries.c.sink_id.notin_(full))
     if skip_locked:
@@ -210,13 +209,24 @@ def _ours(item: Claimed) -> tuple[Any, ...]:
     )
 
 
-def next_due(conn: Connection) -> float | None:
-    """When the earliest pending row of an enabled sink becomes due."""
-    return conn.execute(
+def full_sinks(busy: dict[int, int], per_sink: int) -> list[int]:
+    """The sinks with ``per_sink`` deliveries in flight: nothing more is claimed for them."""
+    return [sink for sink, n in busy.items() if n >= per_sink]
+
+
+def next_due(conn: Connection, full: Iterable[int] = ()) -> float | None:
+    """When the earliest row that ``claim`` would take becomes due: as ``claim`` chooses, but
+    at any time, and leaving out the ``full`` sinks (a row waiting behind an older one of its
+    (alert, sink), or for a sink at its in-flight share, is not due when its time comes)."""
+    query = (
         select(func.min(alert_deliveries.c.next_attempt_at))
         .join(sinks, sinks.c.id == alert_deliveries.c.sink_id)
-        .where(alert_deliveries.c.status == PENDING, sinks.c.enabled.is_(True))
-    ).scalar()
+        .where(_sendable())
+    )
+    full = list(full)
+    if full:
+        query = query.where(alert_deliveries.c.sink_id.notin_(full))
+    return conn.execute(query).scalar()
 
 
 def backoff_s(attempts: int, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

@@ -4,10 +4,12 @@ PostgreSQL): signing, Slack format, retries, hanging and broken receivers, claim
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from tests.helpers import free_port, wait_until
 from tests.server.outbox_rows import SECRET, add_sink, deliveries, queue, seed_alert
@@ -18,6 +20,7 @@ from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.engine import make_engine
 from trimtab.server.settings import Settings
 from trimtab.server.store import Store
+from trimtab.server.tables import alert_deliveries
 
 FAST = {
     "delivery_timeout_s": 5.0,
@@ -144,6 +147,46 @@ def test_hanging_receiver_does_not_delay_another_sink(store: Store, start_worker
         assert len(stuck.all()) <= 2 and all(r.answer == HANG for r in stuck.all())
         states = {(row.sink_id, row.status) for row in deliveries(store)}
         assert {status for _, status in states} == {"pending", "delivered"}
+
+
+def _claims_in(worker: DeliveryWorker, seconds: float) -> int:
+    before = worker.claims
+    time.sleep(seconds)
+    return worker.claims - before
+
+
+def test_a_resolved_waiting_behind_a_firing_in_backoff_does_not_spin_the_worker(
+    store: Store, start_worker: StartWorker
+) -> None:
+    with receiver(lambda n: 500) as hook:
+        add_sink(store, hook.url)
+        alert_id = seed_alert(store)
+        queue(store, alert_id)
+        queue(store, alert_id, "resolved")
+        first = deliveries(store)[0].id
+        with store.transaction() as conn:  # the firing failed once and waits an hour; the resolved is due
+            conn.execute(
+                update(alert_deliveries)
+                .where(alert_deliveries.c.id == first)
+                .values(attempts=1, next_attempt_at=time.time() + 3600, last_error="HTTP 500")
+            )
+        worker = start_worker(delivery_poll_s=0.5)
+        assert _claims_in(worker, 2.0) < 20  # about one claim per poll, not one per loop
+        assert hook.all() == [] and [(row.status, row.attempts) for row in deliveries(store)] == [
+            ("pending", 1),
+            ("pending", 0),
+        ]
+
+
+def test_a_sink_at_its_in_flight_share_does_not_spin_the_worker(store: Store, start_worker: StartWorker) -> None:
+    with receiver(lambda n: HANG) as stuck:
+        add_sink(store, stuck.url)
+        for name in ("a", "b"):
+            queue(store, seed_alert(store, run_name=name))
+        worker = start_worker(delivery_per_sink=1, delivery_timeout_s=60.0, delivery_poll_s=0.5)
+        stuck.wait_for(1, status=HANG)  # one in flight; the other is due but the sink's share is taken
+        assert _claims_in(worker, 2.0) < 20
+        assert len(stuck.all()) == 1
 
 
 @pytest.mark.parametrize("answer", [404, 500, GARBAGE, "refused", HANG], ids=str)
