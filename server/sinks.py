@@ -1,7 +1,7 @@
 """Alert sinks in the database: create, list, read, delete, with their delivery counts.
 
-Secrets and Slack URL paths never leave this module in a listing: :func:`masked_url` hides
-them, and only :func:`get_sink_secret` (for sending) reads the secret back.
+Secrets and URL paths never leave this module in a listing: :func:`masked_url` hides them,
+and only :meth:`SinkStore.target` (for sending) reads them back.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ KINDS = ("slack", "webhook")
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_CHARS = 16
 MASK = "***"
+NAME_LIMIT = 128  # sinks.name is String(128)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ def check_url(url: str) -> str:
     return url
 
 
-def masked_url(kind: str, url: str) -> str:
-    """Scheme, host and port; a Slack URL's path (its secret) and any credentials or query hidden."""
+def masked_url(url: str) -> str:
+    """Scheme, host and port only: credentials show as ``***@`` and any path or query as
+    ``/***`` (a Slack URL's path is its secret, and a webhook's path or query often holds a
+    token too)."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
@@ -66,9 +69,13 @@ def masked_url(kind: str, url: str) -> str:
     netloc = f"{host}:{parts.port}" if parts.port else host
     if parts.username or parts.password:
         netloc = f"{MASK}@{netloc}"
-    path = ("/" + MASK if parts.path not in ("", "/") else parts.path) if kind == "slack" else parts.path
-    query = MASK if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, path, query, ""))
+    path = "/" + MASK if parts.path not in ("", "/") or parts.query else parts.path
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+def default_name(kind: str, url: str) -> str:
+    """``"<kind> <host>"``, cut to fit ``sinks.name``."""
+    return f"{kind} {urlsplit(url).hostname}"[:NAME_LIMIT]
 
 
 def new_secret() -> str:
@@ -82,6 +89,8 @@ class SinkStore:
     def create(
         self, kind: str, url: str, secret: str | None, project: str | None, name: str | None, enabled: bool
     ) -> dict[str, Any]:
+        if name is not None and len(name) > NAME_LIMIT:
+            raise TrimtabError(ErrorCode.INVALID_REQUEST, f"name: at most {NAME_LIMIT} characters")
         now = time.time()
         with self.store.transaction() as conn:
             project_id = None
@@ -94,7 +103,7 @@ class SinkStore:
                 insert(sinks)
                 .values(
                     kind=kind,
-                    name=name or f"{kind} {urlsplit(url).hostname}",
+                    name=name or default_name(kind, url),
                     url=url,
                     secret=secret,
                     project_id=project_id,
@@ -176,7 +185,7 @@ class SinkStore:
             "id": row.id,
             "kind": row.kind,
             "name": row.name,
-            "url": masked_url(row.kind, row.url),
+            "url": masked_url(row.url),
             "has_secret": bool(row.has_secret),
             "project": row.project,
             "enabled": bool(row.enabled),

@@ -14,7 +14,7 @@ from trimtab.protocol import INT64_MAX
 from trimtab.server import notify
 from trimtab.server.api import ERRORS, Ctx, NoNul, _iso, require
 from trimtab.server.delivery import build_request, make_client, send
-from trimtab.server.sinks import MIN_SECRET_CHARS, SinkStore, check_url, new_secret
+from trimtab.server.sinks import MIN_SECRET_CHARS, NAME_LIMIT, SinkStore, check_url, new_secret
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["sinks"])
 
@@ -36,7 +36,7 @@ class SinkIn(BaseModel):
     project: str | None = Field(
         default=None, min_length=1, max_length=128, pattern=NoNul, description="only this project's alerts"
     )
-    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=NoNul)
+    name: str | None = Field(default=None, min_length=1, max_length=NAME_LIMIT, pattern=NoNul)
     enabled: bool = True
 
     @field_validator("url")

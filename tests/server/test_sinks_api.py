@@ -14,6 +14,8 @@ import pytest
 from tests.helpers import ServerProcess, free_port, run_cli
 from tests.server.receiver import receiver
 from trimtab import webhooks
+from trimtab.server.sinks import NAME_LIMIT
+from trimtab.server.tables import sinks
 
 SINKS = "/api/v1/sinks"
 
@@ -39,13 +41,31 @@ def test_webhook_sink_gets_a_generated_secret_shown_once(server: ServerProcess) 
     assert created["secret"].startswith("whsec_") and len(created["secret"]) > 40
     assert created["has_secret"] is True and created["project"] is None and created["enabled"] is True
     assert created["name"] == "webhook example.com"
-    assert created["url"] == "https://example.com/hooks?***"
+    assert created["url"] == "https://example.com/***"
     assert created["deliveries"] == {"pending": 0, "delivered": 0, "dead": 0}
     listed = call(server, "GET", SINKS)[1]
     one = call(server, "GET", f"{SINKS}/{created['id']}")[1]
     for shown in (listed[0], one):
         assert "secret" not in shown and created["secret"] not in json.dumps(shown)
-        assert shown["url"] == "https://example.com/hooks?***"
+        assert shown["url"] == "https://example.com/***"
+
+
+def test_a_webhook_url_shows_only_its_scheme_host_and_port(server: ServerProcess) -> None:
+    url = "https://bot:pw@hooks.example.com:8443/t/TOKENPATH?sig=abc"
+    created = call(server, "POST", SINKS, {"kind": "webhook", "url": url})[1]
+    bare = call(server, "POST", SINKS, {"kind": "webhook", "url": "http://127.0.0.1:9"})[1]
+    shown = [created, call(server, "GET", SINKS)[1], call(server, "GET", f"{SINKS}/{created['id']}")[1]]
+    assert "TOKENPATH" not in json.dumps(shown) and "pw" not in json.dumps(shown)
+    assert created["url"] == "https://***@hooks.example.com:8443/***"
+    assert bare["url"] == "http://127.0.0.1:9"
+
+
+def test_the_default_name_of_a_sink_with_a_long_host_fits(server: ServerProcess) -> None:
+    assert sinks.c.name.type.length == NAME_LIMIT  # type: ignore[attr-defined]
+    host = ".".join(["a" * 60] * 4) + ".example.com"
+    status, created = call(server, "POST", SINKS, {"kind": "webhook", "url": f"https://{host}/hook"})
+    assert status == 201, created
+    assert created["name"] == f"webhook {host}"[:NAME_LIMIT]
 
 
 def test_slack_url_path_is_never_shown(server: ServerProcess) -> None:
@@ -88,6 +108,7 @@ def test_given_secret_is_kept_and_not_echoed(server: ServerProcess) -> None:
         ({"kind": "webhook", "url": "https://example.com/", "project": ""}, "project"),
         ({"kind": "webhook", "url": "https://example.com/", "project": "a\x00b"}, "project"),
         ({"kind": "webhook", "url": "https://example.com/", "enabled": "maybe"}, "enabled"),
+        ({"kind": "webhook", "url": "https://example.com/", "name": "n" * 129}, "name"),
         ([1, 2], "body"),
     ],
 )
