@@ -24,8 +24,10 @@ def is_sqlite(url: str) -> bool:
 def make_engine(url: str, lock_timeout_s: float = 30.0, **kwargs: Any) -> Engine:
     """An engine for ``url``. A statement waits up to ``lock_timeout_s`` for a lock someone
     else holds (SQLite's busy timeout, PostgreSQL's lock_timeout), then fails, and ingest
-    answers ``store_unavailable`` so agents resend later."""
+    answers ``store_unavailable`` so agents resend later. Database errors never show the
+    statement's parameters (a sink's secret and URL, tokens): they are logged."""
     url = normalize_url(url)
+    kwargs.setdefault("hide_parameters", True)
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, text
 
 from tests.helpers import ServerProcess, free_port, run_cli
 from tests.server.receiver import receiver
 from trimtab import webhooks
+from trimtab.server.engine import make_engine
 from trimtab.server.sinks import NAME_LIMIT
 from trimtab.server.tables import sinks
 
@@ -166,6 +168,38 @@ def test_test_endpoint_reports_what_the_receiver_did(server: ServerProcess) -> N
         assert "trimtab test message" in message["text"] and message["blocks"]
     # A test message is not queued, so the sinks' counts stay empty.
     assert all(s["deliveries"] == {"pending": 0, "delivered": 0, "dead": 0} for s in call(server, "GET", SINKS)[1])
+
+
+@pytest.fixture
+def impatient_server(migrated_db: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server whose statements give up after 0.5 s waiting for a lock."""
+    proc = ServerProcess(migrated_db, tmp_path / "server.log")
+    proc.env = {"TRIMTAB_LOCK_TIMEOUT_S": "0.5"}
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+def test_a_database_error_while_adding_a_sink_does_not_log_its_secret(
+    impatient_server: ServerProcess, migrated_db: str
+) -> None:
+    secret, path = "whsec_never-in-a-log-0123456789", "private-path-0123"
+    locker = make_engine(migrated_db)
+    try:
+        with locker.connect() as conn:  # hold the sinks table: PostgreSQL's table lock, SQLite's write lock
+            if locker.dialect.name == "postgresql":
+                conn.execute(text("LOCK TABLE sinks IN EXCLUSIVE MODE"))
+            else:
+                conn.execute(delete(sinks))
+            body = {"kind": "webhook", "url": f"https://hooks.example.com/{path}", "secret": secret}
+            status, answer = call(impatient_server, "POST", SINKS, body)
+            conn.rollback()
+    finally:
+        locker.dispose()
+    assert (status, answer["error"]["code"]) == (503, "store_unavailable")
+    log = impatient_server.log()
+    assert "database error" in log and "INSERT INTO sinks" in log
+    assert secret not in log and path not in log
 
 
 @pytest.fixture
