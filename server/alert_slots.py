@@ -121,17 +121,21 @@ class RunState:
 
 
 def feed_point(slot: Slot, key: str, step: int, value: float, ops: list[Op], stats: EngineStats) -> None:
-    """Feed one point to a slot; what it does to the slot's alert is appended to ``ops``."""
+    """Feed one point to a slot; what it does to the slot's alert is appended to ``ops``.
+    A point with a finding folds into the firing alert; only a point of the slot's key without
+    one can resolve it (so a sparse key that keeps firing keeps one alert open)."""
     seen = slot.seen[key]
     if seen is not None and step <= seen:
         return
     slot.seen[key] = step
     slot.dirty = True
     stats.points += 1
-    if key == slot.key:
-        _quiet(slot, ops)  # before this step's finding, which would open a new alert
     found = slot.evaluator.update(key, step, value)
-    if found is None or (slot.handled is not None and found.step <= slot.handled):
+    if found is None:
+        if key == slot.key:
+            _quiet(slot, ops)
+        return
+    if slot.handled is not None and found.step <= slot.handled:
         return
     stats.findings += 1
     slot.handled = found.step

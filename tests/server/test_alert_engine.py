@@ -264,6 +264,29 @@ def test_nan_provenance_from_the_event_lands_in_the_alert(rig: Rig) -> None:
     assert alert["data"]["provenance"] == where
 
 
+def test_a_sparse_key_that_keeps_firing_keeps_one_alert(rig: Rig, store: Store) -> None:
+    """run.watch logs act/*/zero_frac every 100 steps: each sample with a finding folds into
+    the alert, however far it is from the last (resolve_after_steps is 100 too)."""
+    add_sink(store)
+    run_id = rig.run("sparse")
+    for step in range(0, 1100, 100):  # dead-units: > 0.95 on two samples in a row, from step 100 on
+        rig.send(run_id, {"act/l1/zero_frac": [(step, 0.99)], "loss": [(step, 1.0)]})
+    rig.send(run_id, {"act/l1/zero_frac": [(s, 0.99) for s in range(1100, 1600, 100)]})
+    (alert,) = rig.alerts(run_id)
+    assert (alert["rule"], alert["status"], alert["first_step"], alert["last_step"], alert["count"]) == (
+        "dead-units",
+        "firing",
+        100,
+        1500,
+        15,
+    )
+    assert [e for _, e, _ in deliveries(store)] == ["firing"]
+    rig.send(run_id, {"act/l1/zero_frac": [(1600, 0.5)]})  # a sample without a finding, 100 steps on
+    (alert,) = rig.alerts(run_id)
+    assert (alert["status"], alert["resolve_reason"], alert["count"]) == ("resolved", "quiet", 15)
+    assert [e for _, e, _ in deliveries(store)] == ["firing", "resolved"]
+
+
 def training_series(seed: int, n: int = 1000) -> dict[str, list[tuple[int, float]]]:
     """Loss and grad norm with noise, a joint spike at 300 (confirmed loss spike, gross
     magnitude), NaN losses at 600, 650-655 and at the last step (an alert still firing at the
