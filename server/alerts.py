@@ -1,11 +1,12 @@
 """The alert engine: runs the effective rules on the ingest stream, on a thread of its own.
 
-The ingest writer hands over each committed batch (``submit``); the engine feeds every
-point of a matched key to the ``RuleEvaluator`` of its (run, rank, rule, key) "slot" and
-turns findings into alert rows: a finding opens an alert or folds into the firing one
-(warning -> critical is an escalation); ``resolve_after_steps`` steps of the key without a
-finding, the run finishing, or the rule going away resolve it. Every notification is an
-outbox row (``outbox.enqueue``) written in the same transaction as the alert change.
+The ingest writer hands over the scalars and nonfinite events of each committed batch
+(``submit``); the engine feeds every point of a matched key to the ``RuleEvaluator`` of its
+(run, rank, rule, key) "slot" and turns findings into alert rows: a finding opens an alert
+or folds into the firing one (warning -> critical is an escalation); a point of the key
+without a finding ``resolve_after_steps`` steps past the alert's last finding, the run
+finishing, or the rule going away resolve it. Every notification is an outbox row
+(``outbox.enqueue``) written in the same transaction as the alert change.
 
 History and restarts: a slot new to this process restores its saved state (evaluator state
 and the last step it saw of each key, saved to ``detector_states`` every ``state_interval_s``
@@ -31,7 +32,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from trimtab.detectors import RuleEvaluator, RuleSpec
-from trimtab.protocol import Batch
+from trimtab.protocol import Batch, Event, ScalarSeries
 from trimtab.server import alert_store as db
 from trimtab.server import outbox
 from trimtab.server.alert_rules import effective
@@ -41,8 +42,9 @@ from trimtab.server.tables import runs
 
 logger = logging.getLogger("trimtab.server")
 
-# Points waiting for the engine past which a batch is not queued itself: its (run, rank)
-# is marked for a catch-up that replays the stored points instead (bounded memory).
+# Points (and nonfinite events) waiting for the engine past which a batch is not queued
+# itself: its (run, rank) is marked for a catch-up that replays the stored points instead
+# (bounded memory).
 QUEUE_MAX_POINTS = 1_000_000
 STATE_INTERVAL_S = 2.0  # dirty detector states are saved this often
 RULES_TTL_S = 5.0  # a run's rules are read again this often (changes made on other replicas)
@@ -56,7 +58,13 @@ REPLAY_MAX_POINTS = 200_000
 class _Feed:
     run_id: int
     rank: int
-    batch: Batch
+    scalars: list[ScalarSeries]  # non-empty series only
+    nonfinite: list[Event]  # the batch's nonfinite events (NaN provenance)
+
+    @property
+    def size(self) -> int:
+        """What it counts toward ``queue_max_points``."""
+        return sum(len(s) for s in self.scalars) + len(self.nonfinite)
 
 
 @dataclass(frozen=True)
@@ -116,12 +124,25 @@ class AlertEngine:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    @property
+    def queued_points(self) -> int:
+        """Points and events handed over and not processed yet."""
+        with self._lock:
+            return self._queued_points
+
     def submit(self, jobs: Iterable[tuple[int, int, Batch]]) -> None:
-        """Committed batches, from the ingest writer; never blocks."""
+        """Committed batches, from the ingest writer; never blocks. Only what the engine
+        reads is kept (the scalars and the nonfinite events, never histograms)."""
         for run_id, rank, batch in jobs:
-            if not batch.scalars and not batch.events:
+            feed = _Feed(
+                run_id,
+                rank,
+                [s for s in batch.scalars if len(s)],
+                [e for e in batch.events if e.kind == "nonfinite" and e.step is not None],
+            )
+            if not feed.scalars and not feed.nonfinite:
                 continue
-            n = batch.n_points
+            n = feed.size
             with self._lock:
                 if self._queued_points + n > self.queue_max_points:
                     if (run_id, rank) in self._catch_up_marked:
@@ -131,7 +152,7 @@ class AlertEngine:
                     item: _Item = _CatchUp(run_id, rank)
                 else:
                     self._queued_points += n
-                    item = _Feed(run_id, rank, batch)
+                    item = feed
             self._queue.put(item)
 
     def run_finished(self, run_id: int) -> None:
@@ -168,8 +189,8 @@ class AlertEngine:
         try:
             if isinstance(item, _Feed):
                 with self._lock:
-                    self._queued_points -= item.batch.n_points
-                self._feed(item.run_id, item.rank, item.batch)
+                    self._queued_points -= item.size
+                self._feed(item)
             elif isinstance(item, _CatchUp):
                 with self._lock:
                     self._catch_up_marked.discard((item.run_id, item.rank))
@@ -254,13 +275,14 @@ class AlertEngine:
             feed_point(slot, key, step, value, ops, self.stats)
 
     # ------------------------------------------------------------------ feeding
-    def _feed(self, run_id: int, rank: int, batch: Batch) -> None:
+    def _feed(self, item: _Feed) -> None:
+        run_id, rank, scalars = item.run_id, item.rank, item.scalars
         known = self._runs.get(run_id)
         if (  # the common case for most keys: no rule matches, so no database round trip
             known is not None
             and time.monotonic() - known.rules_at <= self.rules_ttl_s
-            and not any(e.kind == "nonfinite" for e in batch.events)
-            and not any(known.specs_for(s.key) for s in batch.scalars if len(s))
+            and not item.nonfinite
+            and not any(known.specs_for(s.key) for s in scalars)
         ):
             known.last_active = time.monotonic()
             return
@@ -270,7 +292,6 @@ class AlertEngine:
             if rs is None:
                 return
             self._reload_if_stale(conn, rs, ops)
-            scalars = [s for s in batch.scalars if len(s)]
             for s in scalars:
                 for spec in rs.specs_for(s.key):
                     self._slot(conn, rs, rank, spec, s.key, ops)
@@ -280,8 +301,8 @@ class AlertEngine:
                 continue
             for slot in list(routed):
                 self._series(slot, s.key, s.steps, s.values, ops)
-        provenance = [(e.step, e.data) for e in batch.events if e.kind == "nonfinite" and e.step is not None]
-        self._write(rs, ops, provenance=[(rank, step, data) for step, data in provenance])
+        provenance = [(rank, e.step, e.data) for e in item.nonfinite if e.step is not None]
+        self._write(rs, ops, provenance=provenance)
 
     def _reload_if_stale(self, conn: Connection, rs: RunState, ops: list[Op]) -> None:
         if time.monotonic() - rs.rules_at > self.rules_ttl_s:
