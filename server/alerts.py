@@ -340,15 +340,17 @@ class AlertEngine:
         with self.store.transaction() as conn:
             now = time.time()
             for op in ops:
-                notified += self._apply(conn, rs, op, now)
+                notified += self._apply(conn, rs, op, now, provenance)
             for rank, step, data in provenance:
-                db.add_provenance(conn, rs.run_id, rank, step, data if isinstance(data, dict) else {"data": data})
+                db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
         for op in ops:
             if op.slot is not None:
                 op.slot.last_op = None
         self._woke(notified)
 
-    def _apply(self, conn: Connection, rs: RunState, op: Op, now: float) -> int:
+    def _apply(
+        self, conn: Connection, rs: RunState, op: Op, now: float, provenance: Sequence[tuple[int, int, Any]] = ()
+    ) -> int:
         alert, found = op.alert, op.finding
         if op.kind == "resolve":
             if db.resolve(conn, alert.id, op.reason, now) and alert.notified:
@@ -371,7 +373,12 @@ class AlertEngine:
                 now=now,
             )
             self.stats.opened += 1
-            return self._notify(conn, alert.id, "firing") if alert.notified else 0
+            if not alert.notified:
+                return 0
+            for rank, step, data in provenance:  # before the payload is taken, so the first page has it
+                if rank == slot.rank:
+                    db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
+            return self._notify(conn, alert.id, "firing")
         escalate = op.kind == "escalate"
         if escalate:
             alert.notified = True  # an escalation is news even for an alert that opened in cooldown
@@ -451,3 +458,7 @@ class AlertEngine:
             rs = self._runs[run_id]
             if not any(slot.dirty for slot in rs.slots.values()):
                 del self._runs[run_id]
+
+
+def _provenance_body(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {"data": data}

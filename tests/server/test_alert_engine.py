@@ -256,12 +256,15 @@ def test_glob_rule_gets_one_alert_per_matched_key(rig: Rig) -> None:
     ]
 
 
-def test_nan_provenance_from_the_event_lands_in_the_alert(rig: Rig) -> None:
+def test_nan_provenance_from_the_event_lands_in_the_alert_and_its_first_page(rig: Rig, store: Store) -> None:
+    add_sink(store)
     run_id = rig.run("prov")
     where = {"module": "blocks.3.attn", "parameter": "blocks.3.attn.qkv.weight"}
     rig.send(run_id, {"loss": [(0, 1.0), (1, math.nan)]}, events=[Event("nonfinite", 1, time.time(), "error", where)])
     (alert,) = rig.alerts(run_id)
     assert alert["data"]["provenance"] == where
+    [(_, event, payload)] = deliveries(store)
+    assert event == "firing" and payload["data"]["provenance"] == where
 
 
 def test_a_sparse_key_that_keeps_firing_keeps_one_alert(rig: Rig, store: Store) -> None:
