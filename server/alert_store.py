@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.detectors import Finding
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import float_to_json
+from trimtab.protocol import float_from_json, float_to_json
 from trimtab.server.notify import json_safe
 from trimtab.server.tables import alerts, detector_states, metric_keys, projects, runs, scalar_points
 
@@ -317,13 +317,28 @@ def load_state(conn: Connection, run_id: int, rank: int, rule: str, key: str) ->
             detector_states.c.key == key,
         )
     ).scalar()
-    return dict(state) if isinstance(state, Mapping) else None
+    return _state_from_json(dict(state)) if isinstance(state, Mapping) else None
+
+
+_NON_FINITE = frozenset(("NaN", "Infinity", "-Infinity"))
+
+
+def _state_from_json(value: Any) -> Any:
+    """A saved state with the non-finite floats ``json_safe`` turned into strings made floats again."""
+    if isinstance(value, str) and value in _NON_FINITE:
+        return float_from_json(value)
+    if isinstance(value, dict):
+        return {k: _state_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_state_from_json(v) for v in value]
+    return value
 
 
 def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) -> None:
-    """Upsert ``{run_id, rank, rule_name, key, state, step}`` rows."""
+    """Upsert ``{run_id, rank, rule_name, key, state, step}`` rows. Non-finite floats anywhere
+    in a state are stored as strings (PostgreSQL's json refuses NaN) and read back as floats."""
     now = time.time()
-    values = [{**r, "updated_at": now} for r in rows]
+    values = [{**r, "state": json_safe(r["state"]), "updated_at": now} for r in rows]
     if not values:
         return
     stmt = (sqlite_insert if sqlite else pg_insert)(detector_states)

@@ -434,23 +434,33 @@ class AlertEngine:
 
     # ------------------------------------------------------------------ state
     def _save_states(self, everything: bool = False) -> None:
-        rows = []
-        dirty = []
-        for rs in self._runs.values():
-            for slot in rs.slots.values():
-                if slot.dirty or everything:
-                    rows.append(slot.state_row(rs.run_id))
-                    dirty.append(slot)
-        if not rows:
-            return
+        """Upsert the dirty (or all) slot states, one transaction per run, so that a run whose
+        states cannot be saved does not keep the others' from being saved."""
+        for rs in list(self._runs.values()):
+            dirty = [slot for slot in rs.slots.values() if slot.dirty or everything]
+            if not dirty:
+                continue
+            try:
+                with self.store.transaction() as conn:
+                    db.save_states(conn, [slot.state_row(rs.run_id) for slot in dirty], self.store.sqlite)
+            except Exception:
+                logger.exception(
+                    "alert engine: saving the detector states of run %s failed; retrying at the next save", rs.run_id
+                )
+                self._forget_if_deleted(rs.run_id)
+                continue
+            for slot in dirty:
+                slot.dirty = False
+
+    def _forget_if_deleted(self, run_id: int) -> None:
+        """A run deleted meanwhile has nothing left to save: it leaves memory."""
         try:
             with self.store.transaction() as conn:
-                db.save_states(conn, rows, self.store.sqlite)
+                exists = conn.execute(select(runs.c.id).where(runs.c.id == run_id)).first() is not None
         except Exception:
-            logger.exception("alert engine: saving detector states failed; retrying at the next save")
             return
-        for slot in dirty:
-            slot.dirty = False
+        if not exists:
+            self._runs.pop(run_id, None)
 
     def _evict_idle(self) -> None:
         cutoff = time.monotonic() - IDLE_EVICT_S

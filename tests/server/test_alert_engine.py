@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 
 from tests.helpers import wait_until
 from trimtab.detectors import parse_rule
@@ -23,7 +23,7 @@ from trimtab.server.alerts import AlertEngine
 from trimtab.server.engine import make_engine
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.store import Store
-from trimtab.server.tables import alert_deliveries, detector_states, sinks
+from trimtab.server.tables import alert_deliveries, detector_states, runs, sinks
 
 BASE_URL = "http://trimtab.test:8000"
 LOGITS = {"name": "logits", "key": "attn/max_logit", "detector": "threshold", "params": {"op": ">", "limit": 100.0}}
@@ -375,6 +375,47 @@ def test_saved_state_names_the_last_step_seen_of_each_key(store: Store) -> None:
     assert by_rule[("nonfinite-loss", "loss")].step == 2
     assert by_rule[("nonfinite-loss", "loss")].state["seen"] == {"loss": 2}
     assert by_rule[("loss-spike", "loss")].state["seen"] == {"loss": 2, "grad_norm/total": 0}
+
+
+def test_saved_states_keep_non_finite_floats(store: Store) -> None:
+    """PostgreSQL's json type refuses NaN and Infinity: they are stored as strings and read back as floats."""
+    run_id = _bare_run(store, "nan-state")
+    state = {"evaluator": {"max": math.inf, "recent": [1.0, math.nan, -math.inf], "deep": {"x": [math.inf]}}}
+    row = {"run_id": run_id, "rank": 0, "rule_name": "r", "key": "loss", "state": state, "step": 7}
+    with store.transaction() as conn:
+        alert_store.save_states(conn, [row], store.sqlite)
+    with store.transaction() as conn:
+        loaded = alert_store.load_state(conn, run_id, 0, "r", "loss")
+    assert loaded is not None
+    ev = loaded["evaluator"]
+    assert ev["max"] == math.inf and ev["recent"][0] == 1.0 and math.isnan(ev["recent"][1])
+    assert ev["recent"][2] == -math.inf and ev["deep"] == {"x": [math.inf]}
+
+
+def _bare_run(store: Store, uid: str) -> int:
+    run_id, _ = store.open_run(Hello(RunRef(uid, "eng", uid), 1, "0", "host", 1, 0, 2, {}))
+    return run_id
+
+
+def test_states_are_saved_run_by_run(store: Store) -> None:
+    """A run whose states cannot be saved (deleted meanwhile) does not keep another's from being saved."""
+    rig = Rig(store)
+    try:
+        gone, kept = rig.run("gone"), rig.run("kept")
+        for run_id in (gone, kept):
+            rig.send(run_id, {"loss": steady(0, 5)})
+        with store.transaction() as conn:
+            conn.execute(delete(runs).where(runs.c.id == gone))
+        rig.send(kept, {"loss": steady(5, 9)})
+    finally:
+        rig.stop()  # saves every state
+    with store.transaction() as conn:
+        saved = conn.execute(
+            select(detector_states.c.run_id, detector_states.c.step).where(
+                detector_states.c.rule_name == "nonfinite-loss"
+            )
+        ).all()
+    assert [(r.run_id, r.step) for r in saved] == [(kept, 8)]
 
 
 def test_a_full_queue_falls_back_to_replaying_from_the_database(store: Store) -> None:
