@@ -26,7 +26,7 @@ from trimtab.server.tables import alerts, detector_states, metric_keys, projects
 
 FIRING, RESOLVED = "firing", "resolved"
 TEXT_LIMIT = 1024  # alerts.message and alerts.remedy
-QUIET, RUN_FINISHED, RULE_REMOVED = "quiet", "run_finished", "rule_removed"
+QUIET, RUN_FINISHED, RULE_REMOVED, RUN_STALE = "quiet", "run_finished", "rule_removed", "run_stale"
 
 
 @dataclass
@@ -168,6 +168,22 @@ def firing_of_run(conn: Connection, run_id: int) -> list[tuple[int, bool]]:
         select(alerts.c.id, alerts.c.notified).where(alerts.c.run_id == run_id, alerts.c.status == FIRING)
     ).all()
     return [(r.id, bool(r.notified)) for r in rows]
+
+
+def firing_of_ended_runs(
+    conn: Connection, now: float, finished_grace_s: float, stale_after_s: float
+) -> list[tuple[int, int, bool, str]]:
+    """(id, run id, notified, reason) of the firing alerts of runs that finished more than
+    ``finished_grace_s`` ago (``run_finished``) or were last seen more than ``stale_after_s``
+    ago (``run_stale``: no data and no heartbeat)."""
+    finished = and_(runs.c.status == "finished", runs.c.finished_at <= now - finished_grace_s)
+    rows = conn.execute(
+        select(alerts.c.id, alerts.c.run_id, alerts.c.notified, finished.label("finished"))
+        .join(runs, runs.c.id == alerts.c.run_id)
+        .where(alerts.c.status == FIRING, or_(finished, runs.c.last_seen_at < now - stale_after_s))
+        .order_by(alerts.c.id)
+    ).all()
+    return [(r.id, r.run_id, bool(r.notified), RUN_FINISHED if r.finished else RUN_STALE) for r in rows]
 
 
 def firing_of_project(conn: Connection, project_id: int) -> list[tuple[int, int, str, bool]]:

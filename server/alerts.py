@@ -16,6 +16,9 @@ without a saved state that fits the rule, it starts fresh and is fed the key's s
 when the server restarted: nothing is missed. A finding at or before the last step of the
 slot's newest alert was already handled and is ignored, so nothing is alerted twice. Points of
 a key arriving at or before the last step seen of it are not fed (each series in step order).
+
+Ended runs: a periodic sweep resolves the firing alerts of runs that finished (in case the
+end-of-run resolution was missed or failed) and of runs not seen for ``stale_resolve_s``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ IDLE_EVICT_S = 600.0  # a run without batches this long leaves memory (its state
 # A slot replays at most this many stored points per key (the newest): a rule new to a long run
 # starts from its recent history, not from step 0.
 REPLAY_MAX_POINTS = 200_000
+SWEEP_INTERVAL_S = 60.0  # the firing alerts of ended runs are looked for this often
+STALE_RESOLVE_S = 3600.0  # a run not seen (no data, no heartbeat) this long: its alerts resolve
 
 
 @dataclass(frozen=True)
@@ -100,18 +105,23 @@ class AlertEngine:
         state_interval_s: float = STATE_INTERVAL_S,
         rules_ttl_s: float = RULES_TTL_S,
         queue_max_points: int = QUEUE_MAX_POINTS,
+        sweep_interval_s: float = SWEEP_INTERVAL_S,
+        stale_resolve_s: float = STALE_RESOLVE_S,
     ) -> None:
         self.store = store
         self.base_url = base_url
         self.state_interval_s = state_interval_s
         self.rules_ttl_s = rules_ttl_s
         self.queue_max_points = queue_max_points
+        self.sweep_interval_s = sweep_interval_s
+        self.stale_resolve_s = stale_resolve_s
         self.on_notify: Callable[[], None] | None = None  # called after a commit that queued notifications
         self.stats = EngineStats()
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued_points = 0
         self._catch_up_marked: set[tuple[int, int]] = set()
+        self._unfinished: set[int] = set()  # runs whose end-of-run resolution failed: retried
         self._runs: dict[int, RunState] = {}
         self._thread = threading.Thread(target=self._main, name="trimtab-alerts", daemon=True)
 
@@ -170,11 +180,12 @@ class AlertEngine:
     # ------------------------------------------------------------------ engine thread
     def _main(self) -> None:
         next_save = time.monotonic() + self.state_interval_s
+        next_sweep = time.monotonic() + self.sweep_interval_s
         while True:
             try:
-                item = self._queue.get(timeout=max(0.0, next_save - time.monotonic()))
+                item = self._queue.get(timeout=max(0.0, min(next_save, next_sweep) - time.monotonic()))
             except queue.Empty:
-                item = _Barrier(threading.Event())  # nothing to do but the periodic save
+                item = _Barrier(threading.Event())  # nothing to do but the periodic work
             if item is None:
                 self._save_states(everything=True)
                 return
@@ -182,7 +193,12 @@ class AlertEngine:
             if time.monotonic() >= next_save:
                 self._save_states()
                 self._evict_idle()
+                for run_id in sorted(self._unfinished):
+                    self._handle(_RunFinished(run_id))
                 next_save = time.monotonic() + self.state_interval_s
+            if time.monotonic() >= next_sweep:
+                self._sweep_ended_runs()
+                next_sweep = time.monotonic() + self.sweep_interval_s
 
     def _handle(self, item: _Item) -> None:
         run_id = getattr(item, "run_id", None)
@@ -196,7 +212,9 @@ class AlertEngine:
                     self._catch_up_marked.discard((item.run_id, item.rank))
                 self._catch_up(item.run_id, item.rank)
             elif isinstance(item, _RunFinished):
+                self._unfinished.add(item.run_id)  # until its alerts are resolved
                 self._finish_run(item.run_id)
+                self._unfinished.discard(item.run_id)
             elif isinstance(item, _RulesChanged):
                 self._rules_changed(item.project_id)
             elif isinstance(item, _Barrier):
@@ -409,6 +427,31 @@ class AlertEngine:
         if rs is not None:
             for slot in rs.slots.values():
                 slot.open = None
+        self._woke(notified)
+
+    def _sweep_ended_runs(self) -> None:
+        """Resolve the firing alerts of runs that finished (``run_finished``: the bye's own
+        resolution was missed, or failed on another replica) or have not been seen for
+        ``stale_resolve_s`` (``run_stale``: the process died without a bye)."""
+        notified = 0
+        resolved: set[int] = set()
+        try:
+            with self.store.transaction() as conn:
+                now = time.time()
+                for alert_id, _, was_notified, reason in db.firing_of_ended_runs(
+                    conn, now, self.sweep_interval_s, self.stale_resolve_s
+                ):
+                    if db.resolve(conn, alert_id, reason, now):
+                        resolved.add(alert_id)
+                        if was_notified:
+                            notified += self._notify(conn, alert_id, "resolved")
+        except Exception:
+            logger.exception("alert engine: resolving the alerts of ended runs failed; retrying at the next sweep")
+            return
+        for rs in self._runs.values():
+            for slot in rs.slots.values():
+                if slot.open is not None and slot.open.id in resolved:
+                    slot.open = None
         self._woke(notified)
 
     def _rules_changed(self, project_id: int) -> None:
