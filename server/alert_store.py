@@ -56,17 +56,25 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
+def _slot_where(run_id: int, rank: int, rule: str, key: str) -> tuple[Any, ...]:
+    return (alerts.c.run_id == run_id, alerts.c.rank == rank, alerts.c.rule_name == rule, alerts.c.key == key)
+
+
 def slot_history(conn: Connection, run_id: int, rank: int, rule: str, key: str) -> SlotHistory:
-    where = (alerts.c.run_id == run_id, alerts.c.rank == rank, alerts.c.rule_name == rule, alerts.c.key == key)
-    handled = conn.execute(select(func.max(alerts.c.last_step)).where(*where)).scalar()
+    handled = conn.execute(select(func.max(alerts.c.last_step)).where(*_slot_where(run_id, rank, rule, key))).scalar()
+    return SlotHistory(firing_alert(conn, run_id, rank, rule, key), None if handled is None else int(handled))
+
+
+def firing_alert(conn: Connection, run_id: int, rank: int, rule: str, key: str) -> OpenAlert | None:
+    """The (run, rank, rule, key)'s firing alert as the database has it now (another replica
+    may have opened or resolved one since this process last looked)."""
     row = conn.execute(
         select(alerts.c.id, alerts.c.severity, alerts.c.last_step, alerts.c.notified)
-        .where(*where, alerts.c.status == FIRING)
+        .where(*_slot_where(run_id, rank, rule, key), alerts.c.status == FIRING)
         .order_by(alerts.c.id.desc())
         .limit(1)
     ).first()
-    found = None if row is None else OpenAlert(row.id, row.severity, row.last_step, bool(row.notified))
-    return SlotHistory(found, None if handled is None else int(handled))
+    return None if row is None else OpenAlert(row.id, row.severity, int(row.last_step), bool(row.notified))
 
 
 def in_cooldown(conn: Connection, run_id: int, rule: str, key: str, cooldown_s: float, now: float) -> bool:
@@ -131,23 +139,30 @@ def open_alert(
 
 
 def fold(
-    conn: Connection, alert: OpenAlert, finding: Finding, count: int, severity: str, notified: bool, now: float
-) -> None:
-    """Fold ``count`` later findings into the firing alert, ``finding`` the newest of them."""
-    conn.execute(
-        update(alerts)
-        .where(alerts.c.id == alert.id)
-        .values(
-            count=alerts.c.count + count,
-            last_step=alert.last_step,
-            value=_db_float(finding.value),
-            baseline=_db_float(finding.baseline),
-            message=finding.message[:TEXT_LIMIT],
-            severity=severity,
-            notified=notified,
-            updated_at=now,
-        )
-    )
+    conn: Connection,
+    alert: OpenAlert,
+    finding: Finding,
+    count: int,
+    notified: bool,
+    now: float,
+    severity: str | None = None,
+) -> bool:
+    """Fold ``count`` later findings into the firing alert, ``finding`` the newest of them (and
+    set ``severity`` when given: an escalation). False when it is not firing any more (another
+    replica resolved it)."""
+    values: dict[str, Any] = {
+        "count": alerts.c.count + count,
+        "last_step": alert.last_step,
+        "value": _db_float(finding.value),
+        "baseline": _db_float(finding.baseline),
+        "message": finding.message[:TEXT_LIMIT],
+        "notified": notified,
+        "updated_at": now,
+    }
+    if severity is not None:
+        values["severity"] = severity
+    result = conn.execute(update(alerts).where(alerts.c.id == alert.id, alerts.c.status == FIRING).values(**values))
+    return result.rowcount == 1
 
 
 def resolve(conn: Connection, alert_id: int, reason: str, now: float) -> bool:
@@ -351,8 +366,9 @@ def _state_from_json(value: Any) -> Any:
 
 
 def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) -> None:
-    """Upsert ``{run_id, rank, rule_name, key, state, step}`` rows. Non-finite floats anywhere
-    in a state are stored as strings (PostgreSQL's json refuses NaN) and read back as floats."""
+    """Upsert ``{run_id, rank, rule_name, key, state, step}`` rows. A saved row whose step is
+    newer is kept (another replica went further with that slot). Non-finite floats anywhere in
+    a state are stored as strings (PostgreSQL's json refuses NaN) and read back as floats."""
     now = time.time()
     values = [{**r, "state": json_safe(r["state"]), "updated_at": now} for r in rows]
     if not values:
@@ -362,6 +378,7 @@ def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) 
         stmt.on_conflict_do_update(
             index_elements=["run_id", "rank", "rule_name", "key"],
             set_={"state": stmt.excluded.state, "step": stmt.excluded.step, "updated_at": stmt.excluded.updated_at},
+            where=stmt.excluded.step >= detector_states.c.step,
         ),
         values,
     )

@@ -17,6 +17,10 @@ when the server restarted: nothing is missed. A finding at or before the last st
 slot's newest alert was already handled and is ignored, so nothing is alerted twice. Points of
 a key arriving at or before the last step seen of it are not fed (each series in step order).
 
+Replicas: the database is the truth. A fold or escalation applies only to an alert still
+firing; when another replica resolved it, or opened one meanwhile, the slot takes the alert
+the database has. A saved detector state is not replaced by one that has seen fewer steps.
+
 Ended runs: a periodic sweep resolves the firing alerts of runs that finished (in case the
 end-of-run resolution was missed or failed) and of runs not seen for ``stale_resolve_s``.
 """
@@ -34,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from trimtab.detectors import RuleEvaluator, RuleSpec
+from trimtab.detectors import CRITICAL, WARNING, RuleEvaluator, RuleSpec
 from trimtab.protocol import Batch, Event, ScalarSeries
 from trimtab.server import alert_store as db
 from trimtab.server import outbox
@@ -376,32 +380,60 @@ class AlertEngine:
             return 0
         assert found is not None and op.slot is not None
         slot = op.slot
-        if op.kind == "open":
-            alert.notified = not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
-            alert.id = db.open_alert(
-                conn,
-                run_id=rs.run_id,
-                project_id=rs.project_id,
-                rank=slot.rank,
-                rule=slot.spec.name,
-                key=slot.key,
-                remedy=slot.spec.remedy,
-                finding=found,
-                notified=alert.notified,
-                now=now,
-            )
-            self.stats.opened += 1
-            if not alert.notified:
-                return 0
-            for rank, step, data in provenance:  # before the payload is taken, so the first page has it
-                if rank == slot.rank:
-                    db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
-            return self._notify(conn, alert.id, "firing")
-        escalate = op.kind == "escalate"
+        if op.kind != "open":
+            escalate = op.kind == "escalate"
+            # An escalation is news even for an alert that opened in cooldown
+            notified = alert.notified or escalate
+            if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None):
+                alert.notified = notified
+                if escalate:
+                    alert.severity = CRITICAL
+                return self._notify(conn, alert.id, "escalated") if escalate else 0
+        # Opening, or the alert is no longer firing: go by the slot's alert in the database
+        # (another replica may have resolved this one, or opened one meanwhile).
+        current = db.firing_alert(conn, rs.run_id, slot.rank, slot.spec.name, slot.key)
+        if current is not None and current.id != alert.id:
+            return self._fold_into(conn, op, current, now)
+        alert.notified = not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
+        alert.severity = found.severity
+        alert.id = db.open_alert(
+            conn,
+            run_id=rs.run_id,
+            project_id=rs.project_id,
+            rank=slot.rank,
+            rule=slot.spec.name,
+            key=slot.key,
+            remedy=slot.spec.remedy,
+            finding=found,
+            notified=alert.notified,
+            now=now,
+        )
+        self.stats.opened += 1
+        if not alert.notified:
+            return 0
+        for rank, step, data in provenance:  # before the payload is taken, so the first page has it
+            if rank == slot.rank:
+                db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
+        return self._notify(conn, alert.id, "firing")
+
+    def _fold_into(self, conn: Connection, op: Op, current: db.OpenAlert, now: float) -> int:
+        """Fold the op's finding into the slot's firing alert that another replica opened, and
+        make it the slot's alert in memory (the op's alert object is the slot's)."""
+        alert, found = op.alert, op.finding
+        assert found is not None
+        alert.id, alert.notified, alert.severity = current.id, current.notified, current.severity
+        if found.step <= current.last_step:  # that replica had this finding already
+            alert.last_step = max(alert.last_step, current.last_step)
+            return 0
+        escalate = current.severity == WARNING and found.severity == CRITICAL
+        announce = escalate
+        alert.last_step = max(alert.last_step, current.last_step)
+        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, CRITICAL if escalate else None):
+            return 0  # resolved again meanwhile: the next finding opens a new one
+        alert.notified = current.notified or announce
         if escalate:
-            alert.notified = True  # an escalation is news even for an alert that opened in cooldown
-        db.fold(conn, alert, found, op.count, alert.severity, alert.notified, now)
-        return self._notify(conn, alert.id, "escalated") if escalate else 0
+            alert.severity = CRITICAL
+        return self._notify(conn, alert.id, "escalated") if announce else 0
 
     def _notify(self, conn: Connection, alert_id: int, event: str) -> int:
         queued = outbox.enqueue(conn, alert_id, event, db.payload_of(conn, alert_id, self.base_url))
