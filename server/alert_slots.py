@@ -63,6 +63,9 @@ class Op:
     finding: Finding | None = None
     count: int = 1  # findings a fold stands for
     reason: str = ""
+    # From the replay of a fresh slot's history: an open is not notified, nor an escalation
+    # (a resolution follows the alert's ``notified``); only a live fold may announce a silent alert.
+    silent: bool = False
 
 
 @dataclass
@@ -120,7 +123,9 @@ class RunState:
         return ops
 
 
-def feed_point(slot: Slot, key: str, step: int, value: float, ops: list[Op], stats: EngineStats) -> None:
+def feed_point(
+    slot: Slot, key: str, step: int, value: float, ops: list[Op], stats: EngineStats, silent: bool = False
+) -> None:
     """Feed one point to a slot; what it does to the slot's alert is appended to ``ops``.
     A point with a finding folds into the firing alert; only a point of the slot's key without
     one can resolve it (so a sparse key that keeps firing keeps one alert open)."""
@@ -142,19 +147,20 @@ def feed_point(slot: Slot, key: str, step: int, value: float, ops: list[Op], sta
     alert = slot.open
     if alert is None:
         slot.open = OpenAlert(0, found.severity, found.step, False)
-        _op(slot, Op("open", slot, slot.open, found), ops)
+        _op(slot, Op("open", slot, slot.open, found, silent=silent), ops)
     elif alert.severity == WARNING and found.severity == CRITICAL:
         alert.severity = CRITICAL
         alert.last_step = max(alert.last_step, found.step)
-        _op(slot, Op("escalate", slot, alert, found), ops)
+        _op(slot, Op("escalate", slot, alert, found, silent=silent), ops)
     else:
         alert.last_step = max(alert.last_step, found.step)
         last = slot.last_op
         if last is not None and last.kind == "fold" and last.alert is alert:
             last.count += 1
             last.finding = found
+            last.silent = last.silent and silent  # a live finding among them makes the fold live
         else:
-            _op(slot, Op("fold", slot, alert, found), ops)
+            _op(slot, Op("fold", slot, alert, found, silent=silent), ops)
     if key != slot.key:
         # A finding confirmed late (by the other key) may already be followed by enough quiet steps
         _quiet(slot, ops)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -385,10 +385,12 @@ def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) 
 
 
 def points_after(
-    conn: Connection, run_id: int, rank: int, key: str, after: int | None, limit: int
-) -> list[tuple[int, float]]:
-    """(step, value) of a rank's scalar key after step ``after`` (all when None), by step;
-    only the last ``limit`` of them when there are more."""
+    conn: Connection, run_id: int, rank: int, key: str, after: int | None, page: int, newest: int | None = None
+) -> Iterator[tuple[int, float]]:
+    """(step, value) of a rank's scalar key after step ``after`` (from the first when None), in
+    step order, read forward in pages of ``page`` rows so that nothing in between is skipped.
+    With ``newest``, only the newest that many of them (a rule new to a long run starts from
+    its recent history)."""
     key_id = conn.execute(
         select(metric_keys.c.id).where(
             metric_keys.c.run_id == run_id,
@@ -398,14 +400,26 @@ def points_after(
         )
     ).scalar()
     if key_id is None:
-        return []
-    query = select(scalar_points.c.step, scalar_points.c.value).where(scalar_points.c.key_id == key_id)
-    if after is not None:
-        query = query.where(scalar_points.c.step > after)
-    rows = conn.execute(
-        query.order_by(scalar_points.c.step.desc(), scalar_points.c.wall_time.desc()).limit(limit)
-    ).all()
-    return [(int(s), math.nan if v is None else float(v)) for s, v in reversed(rows)]
+        return
+    of_key = scalar_points.c.key_id == key_id
+    if newest is not None:
+        query = select(scalar_points.c.step).where(of_key)
+        if after is not None:
+            query = query.where(scalar_points.c.step > after)
+        first = conn.execute(query.order_by(scalar_points.c.step.desc()).offset(max(newest - 1, 0)).limit(1)).scalar()
+        if first is not None:
+            after = int(first) - 1
+    while True:
+        query = select(scalar_points.c.step, scalar_points.c.value).where(of_key)
+        if after is not None:
+            query = query.where(scalar_points.c.step > after)
+        rows = conn.execute(query.order_by(scalar_points.c.step, scalar_points.c.wall_time).limit(page)).all()
+        for s, v in rows:
+            yield int(s), math.nan if v is None else float(v)
+        if len(rows) < page:
+            return
+        # The rest of a step split across pages is skipped: a step is fed once (its first row).
+        after = int(rows[-1][0])
 
 
 def scalar_keys(conn: Connection, run_id: int, rank: int) -> list[str]:

@@ -10,12 +10,14 @@ finishing, or the rule going away resolve it. Every notification is an outbox ro
 
 History and restarts: a slot new to this process restores its saved state (evaluator state
 and the last step it saw of each key, saved to ``detector_states`` every ``state_interval_s``
-while it changes, and at a clean stop) and is then fed the stored points after those steps;
+while it changes, and at a clean stop) and is then fed every stored point after those steps;
 without a saved state that fits the rule, it starts fresh and is fed the key's stored history
-(the last ``REPLAY_MAX_POINTS``). So a rule's findings do not depend on when it was created or
-when the server restarted: nothing is missed. A finding at or before the last step of the
-slot's newest alert was already handled and is ignored, so nothing is alerted twice. Points of
-a key arriving at or before the last step seen of it are not fed (each series in step order).
+(the last ``REPLAY_MAX_POINTS``). When its run was already evaluated here (so the slot is new
+because its rule is), the points before the batch that made it are history, and what they
+open is not notified. So a rule's findings do not depend on when it was created or when the
+server restarted: nothing is missed. A finding at or before the last step of the slot's
+newest alert was already handled and is ignored, so nothing is alerted twice. Points of a key
+arriving at or before the last step seen of it are not fed (each series in step order).
 
 Replicas: the database is the truth. A fold or escalation applies only to an alert still
 firing; when another replica resolved it, or opened one meanwhile, the slot takes the alert
@@ -32,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,9 +58,11 @@ QUEUE_MAX_POINTS = 1_000_000
 STATE_INTERVAL_S = 2.0  # dirty detector states are saved this often
 RULES_TTL_S = 5.0  # a run's rules are read again this often (changes made on other replicas)
 IDLE_EVICT_S = 600.0  # a run without batches this long leaves memory (its state is saved)
-# A slot replays at most this many stored points per key (the newest): a rule new to a long run
-# starts from its recent history, not from step 0.
+# A fresh slot replays at most this many stored points per key (the newest): a rule new to a
+# long run starts from its recent history, not from step 0. A slot that has seen the key
+# replays everything after what it saw.
 REPLAY_MAX_POINTS = 200_000
+REPLAY_PAGE_POINTS = 20_000  # stored points are read this many rows at a time
 SWEEP_INTERVAL_S = 60.0  # the firing alerts of ended runs are looked for this often
 STALE_RESOLVE_S = 3600.0  # a run not seen (no data, no heartbeat) this long: its alerts resolve
 
@@ -109,6 +113,8 @@ class AlertEngine:
         state_interval_s: float = STATE_INTERVAL_S,
         rules_ttl_s: float = RULES_TTL_S,
         queue_max_points: int = QUEUE_MAX_POINTS,
+        replay_max_points: int = REPLAY_MAX_POINTS,
+        replay_page_points: int = REPLAY_PAGE_POINTS,
         sweep_interval_s: float = SWEEP_INTERVAL_S,
         stale_resolve_s: float = STALE_RESOLVE_S,
     ) -> None:
@@ -117,6 +123,8 @@ class AlertEngine:
         self.state_interval_s = state_interval_s
         self.rules_ttl_s = rules_ttl_s
         self.queue_max_points = queue_max_points
+        self.replay_max_points = replay_max_points
+        self.replay_page_points = replay_page_points
         self.sweep_interval_s = sweep_interval_s
         self.stale_resolve_s = stale_resolve_s
         self.on_notify: Callable[[], None] | None = None  # called after a commit that queued notifications
@@ -124,7 +132,8 @@ class AlertEngine:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued_points = 0
-        self._catch_up_marked: set[tuple[int, int]] = set()
+        # (run, rank) with a catch-up queued -> the first step of the batches it stands for
+        self._catch_up_from: dict[tuple[int, int], int | None] = {}
         self._unfinished: set[int] = set()  # runs whose end-of-run resolution failed: retried
         self._runs: dict[int, RunState] = {}
         self._thread = threading.Thread(target=self._main, name="trimtab-alerts", daemon=True)
@@ -157,11 +166,15 @@ class AlertEngine:
             if not feed.scalars and not feed.nonfinite:
                 continue
             n = feed.size
+            first = min((s.steps[0] for s in feed.scalars), default=None)
             with self._lock:
                 if self._queued_points + n > self.queue_max_points:
-                    if (run_id, rank) in self._catch_up_marked:
+                    if (run_id, rank) in self._catch_up_from:
+                        marked = self._catch_up_from[(run_id, rank)]
+                        if first is not None and (marked is None or first < marked):
+                            self._catch_up_from[(run_id, rank)] = first
                         continue
-                    self._catch_up_marked.add((run_id, rank))
+                    self._catch_up_from[(run_id, rank)] = first
                     self.stats.catch_ups += 1
                     item: _Item = _CatchUp(run_id, rank)
                 else:
@@ -213,8 +226,8 @@ class AlertEngine:
                 self._feed(item)
             elif isinstance(item, _CatchUp):
                 with self._lock:
-                    self._catch_up_marked.discard((item.run_id, item.rank))
-                self._catch_up(item.run_id, item.rank)
+                    first = self._catch_up_from.pop((item.run_id, item.rank), None)
+                self._catch_up(item.run_id, item.rank, first)
             elif isinstance(item, _RunFinished):
                 self._unfinished.add(item.run_id)  # until its alerts are resolved
                 self._finish_run(item.run_id)
@@ -249,9 +262,14 @@ class AlertEngine:
         ops.extend(rs.reconcile())
         return ops
 
-    def _slot(self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, ops: list[Op]) -> Slot:
+    def _slot(
+        self, conn: Connection, rs: RunState, rank: int, spec: RuleSpec, key: str, ops: list[Op], live_from: int | None
+    ) -> Slot:
         """The slot, from memory, else restored from its saved state, else fresh; either way
-        then fed the stored points it has not seen (all of them, for a fresh one)."""
+        then fed the stored points it has not seen. A fresh slot is fed the key's recent
+        history; what it finds before ``live_from`` (the first step of the data that made it,
+        given when the run was already being evaluated here, so the slot is new because its
+        rule is) was history before the rule: the alerts it opens are not notified."""
         ident = (rank, spec.name, key)
         slot = rs.slots.get(ident)
         if slot is not None:
@@ -267,6 +285,7 @@ class AlertEngine:
             except (ValueError, KeyError, TypeError) as exc:
                 logger.info("alert engine: run %s %s on %r starts afresh (%s)", rs.run_id, spec.name, key, exc)
                 evaluator = None
+        fresh = evaluator is None
         if evaluator is None:
             evaluator = RuleEvaluator(spec, key)
             seen = {}
@@ -281,20 +300,34 @@ class AlertEngine:
             dirty=True,
         )
         rs.add(slot)
-        self._replay(conn, rs, slot, ops)
+        self._replay(conn, rs, slot, ops, fresh=fresh, silent_before=live_from if fresh else None)
         return slot
 
-    def _replay(self, conn: Connection, rs: RunState, slot: Slot, ops: list[Op]) -> None:
-        """Feed the slot the stored points it has not seen, in step order across its keys."""
+    def _replay(
+        self,
+        conn: Connection,
+        rs: RunState,
+        slot: Slot,
+        ops: list[Op],
+        fresh: bool = False,
+        silent_before: int | None = None,
+    ) -> None:
+        """Feed the slot the stored points it has not seen, in step order across its keys, read
+        forward in pages (only the newest ``replay_max_points`` per key for a fresh slot)."""
+        newest = self.replay_max_points if fresh else None
         series = [
-            [
-                (step, i, key, value)
-                for step, value in db.points_after(conn, rs.run_id, slot.rank, key, slot.seen[key], REPLAY_MAX_POINTS)
-            ]
+            _tagged(
+                i,
+                key,
+                db.points_after(
+                    conn, rs.run_id, slot.rank, key, slot.seen[key], self.replay_page_points, newest=newest
+                ),
+            )
             for i, key in enumerate(slot.evaluator.keys)
         ]
         for step, _, key, value in heapq.merge(*series):
-            feed_point(slot, key, step, value, ops, self.stats)
+            silent = silent_before is not None and step < silent_before
+            feed_point(slot, key, step, value, ops, self.stats, silent=silent)
 
     # ------------------------------------------------------------------ feeding
     def _feed(self, item: _Feed) -> None:
@@ -309,6 +342,9 @@ class AlertEngine:
             known.last_active = time.monotonic()
             return
         ops: list[Op] = []
+        # History is silent only for a run already evaluated here: after a restart, what a
+        # fresh slot is fed may be batches committed but never evaluated.
+        live_from = None if known is None else min((s.steps[0] for s in scalars), default=None)
         with self.store.transaction() as conn:
             rs = self._run_state(conn, run_id)
             if rs is None:
@@ -316,7 +352,7 @@ class AlertEngine:
             self._reload_if_stale(conn, rs, ops)
             for s in scalars:
                 for spec in rs.specs_for(s.key):
-                    self._slot(conn, rs, rank, spec, s.key, ops)
+                    self._slot(conn, rs, rank, spec, s.key, ops, live_from)
         for s in scalars:
             routed = rs.routes.get((rank, s.key))
             if not routed:
@@ -337,10 +373,12 @@ class AlertEngine:
         for step, value in zip(steps, values, strict=True):
             feed_point(slot, key, step, value, ops, self.stats)
 
-    def _catch_up(self, run_id: int, rank: int) -> None:
+    def _catch_up(self, run_id: int, rank: int, first: int | None) -> None:
         """Replay what the queue had no room for: the stored points after each slot's last seen
-        step, for every slot of the (run, rank), including keys new to the engine."""
+        step, for every slot of the (run, rank), including keys new to the engine (``first``:
+        the first step of the batches not queued)."""
         ops: list[Op] = []
+        live_from = first if run_id in self._runs else None
         with self.store.transaction() as conn:
             rs = self._run_state(conn, run_id)
             if rs is None:
@@ -348,7 +386,7 @@ class AlertEngine:
             self._reload_if_stale(conn, rs, ops)
             for key in db.scalar_keys(conn, run_id, rank):
                 for spec in rs.specs_for(key):
-                    self._slot(conn, rs, rank, spec, key, ops)
+                    self._slot(conn, rs, rank, spec, key, ops, live_from)
             for slot in list(rs.slots.values()):
                 if slot.rank == rank:
                     self._replay(conn, rs, slot, ops)
@@ -382,19 +420,31 @@ class AlertEngine:
         slot = op.slot
         if op.kind != "open":
             escalate = op.kind == "escalate"
-            # An escalation is news even for an alert that opened in cooldown
-            notified = alert.notified or escalate
+            announce = escalate and not op.silent  # news even for an alert that opened silently
+            # A silent alert (opened in cooldown, or by replayed history) that live findings
+            # keep firing is announced once no cooldown holds it back any more.
+            late = (
+                not alert.notified
+                and not escalate
+                and not op.silent
+                and not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
+            )
+            notified = alert.notified or announce or late
             if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None):
                 alert.notified = notified
                 if escalate:
                     alert.severity = CRITICAL
-                return self._notify(conn, alert.id, "escalated") if escalate else 0
+                if announce or late:
+                    return self._notify(conn, alert.id, "escalated" if announce else "firing")
+                return 0
         # Opening, or the alert is no longer firing: go by the slot's alert in the database
         # (another replica may have resolved this one, or opened one meanwhile).
         current = db.firing_alert(conn, rs.run_id, slot.rank, slot.spec.name, slot.key)
         if current is not None and current.id != alert.id:
             return self._fold_into(conn, op, current, now)
-        alert.notified = not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
+        alert.notified = not op.silent and not db.in_cooldown(
+            conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now
+        )
         alert.severity = found.severity
         alert.id = db.open_alert(
             conn,
@@ -426,7 +476,7 @@ class AlertEngine:
             alert.last_step = max(alert.last_step, current.last_step)
             return 0
         escalate = current.severity == WARNING and found.severity == CRITICAL
-        announce = escalate
+        announce = escalate and not op.silent
         alert.last_step = max(alert.last_step, current.last_step)
         if not db.fold(conn, alert, found, op.count, current.notified or announce, now, CRITICAL if escalate else None):
             return 0  # resolved again meanwhile: the next finding opens a new one
@@ -543,6 +593,12 @@ class AlertEngine:
             rs = self._runs[run_id]
             if not any(slot.dirty for slot in rs.slots.values()):
                 del self._runs[run_id]
+
+
+def _tagged(i: int, key: str, points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, int, str, float]]:
+    """Stored points as (step, key index, key, value), for merging several keys in step order."""
+    for step, value in points:
+        yield step, i, key, value
 
 
 def _provenance_body(data: Any) -> dict[str, Any]:
