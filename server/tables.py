@@ -195,7 +195,7 @@ alerts = Table(
     Column("fired_at", Double, nullable=False),
     Column("updated_at", Double, nullable=False),
     Column("resolved_at", Double, nullable=True),
-    Column("resolve_reason", String(32), nullable=True),  # quiet | run_finished | rule_removed
+    Column("resolve_reason", String(32), nullable=True),  # quiet | run_finished | run_stale | rule_removed
     Column("count", Integer, nullable=False, server_default="1"),  # findings folded in
     # False while the alert opened inside its rule's cooldown and has not escalated
     Column("notified", Boolean, nullable=False, server_default=false()),
