@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -36,7 +37,14 @@ def post(server: ServerProcess, path: str, body: dict[str, Any]) -> tuple[int, A
 class Trainer(threading.Thread):
     """A real training loop on its own thread, recording per step what the optimizer did."""
 
-    def __init__(self, server: ServerProcess, tmp_path: Path, name: str, **watch: Any) -> None:
+    def __init__(
+        self,
+        server: ServerProcess,
+        tmp_path: Path,
+        name: str,
+        schedule: Callable[[torch.optim.Optimizer], Any] | None = None,
+        **watch: Any,
+    ) -> None:
         super().__init__(daemon=True)
         self.agent = trimtab.init(
             server=server.url, project="control", name=name, spool_dir=str(tmp_path / name), replay_orphans=False
@@ -45,7 +53,8 @@ class Trainer(threading.Thread):
         self.first = nn.Linear(4, 16)
         self.model = nn.Sequential(self.first, nn.ReLU(), nn.Linear(16, 1))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.01, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / WARMUP))
+        warmup = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / WARMUP))  # noqa: E731
+        self.sched = (schedule or warmup)(self.opt)
         self.agent.watch(self.model, self.opt, self.sched, sample_every=1000, **watch)
         self.lrs: dict[int, float] = {}
         self.weights: dict[int, torch.Tensor] = {}
@@ -243,6 +252,55 @@ def test_autopilot_actions_are_recorded_and_alerted_like_commands(server: Server
 
         wait_until(lambda: bool(alerted()), 30, "the autopilot-acted alert")
         assert alerted()[0]["first_step"] == target and "autopilot" in alerted()[0]["remedy"]
+    finally:
+        trainer.max_steps = 0
+        trainer.join(30)
+        trainer.agent.finish(timeout=30)
+
+
+def _schedules() -> dict[str, Callable[[torch.optim.Optimizer], Any]]:
+    from transformers import get_cosine_schedule_with_warmup
+
+    lr = torch.optim.lr_scheduler
+    return {
+        "LambdaLR": lambda o: lr.LambdaLR(o, lambda s: min(1.0, (s + 1) / WARMUP)),
+        "CosineAnnealingLR": lambda o: lr.CosineAnnealingLR(o, T_max=200, eta_min=1e-4),
+        "OneCycleLR": lambda o: lr.OneCycleLR(o, max_lr=0.05, total_steps=100_000),
+        "SequentialLR": lambda o: lr.SequentialLR(
+            o, [lr.LinearLR(o, 0.1, total_iters=WARMUP), lr.CosineAnnealingLR(o, T_max=200)], milestones=[WARMUP]
+        ),
+        "HF cosine with warm-up": lambda o: get_cosine_schedule_with_warmup(o, WARMUP, 400),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["LambdaLR", "CosineAnnealingLR", "OneCycleLR", "SequentialLR", "HF cosine with warm-up"]
+)
+def test_reduce_lr_keeps_each_schedules_shape(server: ServerProcess, tmp_path: Path, name: str) -> None:
+    """Through the server, for every schedule the issue lists: every LR after the command is
+    the untouched schedule's times the factor (the twin runs the same schedule unscaled)."""
+    make = _schedules()[name]
+    trainer = Trainer(server, tmp_path, f"sched-{name}", schedule=make)
+    twin_opt = torch.optim.AdamW(nn.Linear(1, 1).parameters(), lr=0.01)
+    twin = make(twin_opt)
+    planned = []
+    for _ in range(2000):
+        planned.append(twin_opt.param_groups[0]["lr"])
+        twin_opt.step()
+        twin.step()
+    trainer.start()
+    run_id = trainer.agent.wait_for_id(30)
+    assert run_id is not None
+    try:
+        wait_until(lambda: trainer.step_no > 5, 30, "training to start")
+        cmd = final(server, run_id, send(server, run_id, "reduce_lr", factor=0.3)["id"])
+        at = cmd["step"]
+        wait_until(lambda: trainer.step_no > at + 30, 60, "30 steps after the command")
+        assert cmd["status"] == "applied"
+        for s in range(at):
+            assert trainer.lrs[s] == pytest.approx(planned[s], rel=1e-12), (name, s)
+        for s in range(at, at + 30):
+            assert trainer.lrs[s] == pytest.approx(0.3 * planned[s], rel=1e-9), (name, s)
     finally:
         trainer.max_steps = 0
         trainer.join(30)
