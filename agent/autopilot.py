@@ -12,7 +12,8 @@ Policies, in the order they act:
    into NaN.
 2. **Reduce the LR** (``lr_factor``, never under ``min_lr``) after ``reduce_after``
    instabilities (skips or blocked skips) within ``instability_window`` steps, then waits
-   ``refractory_steps`` before doing it again.
+   ``refractory_steps`` before doing it again; at most ``max_lr_reductions`` (3) times per run.
+   Past the skip cap, a spiking series is taken as a new level: the spike baselines restart.
 3. **Roll back** on a persistent divergence of the loss (``Divergence``: median of the last
    20 over the 200 before, above ``divergence_ratio`` for 10 steps) when snapshots are kept
    (``run.watch(..., snapshot_every=K)``): to the newest snapshot before the rise began, then
@@ -53,6 +54,7 @@ class AutopilotOptions:
     reduce_after: int = 3
     instability_window: int = 100
     refractory_steps: int = 200
+    max_lr_reductions: int = 3  # automatic LR cuts per run, at most (then it only alerts)
     rollback: bool = True
     divergence_ratio: float = 1.5
 
@@ -63,6 +65,8 @@ class AutopilotOptions:
             raise ValueError("autopilot: need max_skips_in_row >= 1, skip_window >= 1, 0 < max_skip_fraction <= 1")
         if self.spike_z <= 0 or self.min_lr < 0 or self.reduce_after < 1 or self.divergence_ratio <= 1:
             raise ValueError("autopilot: need spike_z > 0, min_lr >= 0, reduce_after >= 1, divergence_ratio > 1")
+        if self.max_lr_reductions < 0:
+            raise ValueError("autopilot: max_lr_reductions must be >= 0")
 
     @classmethod
     def names(cls) -> list[str]:
@@ -82,6 +86,7 @@ class Autopilot:
         self.in_row = 0
         self.instabilities: deque[int] = deque()
         self.last_reduce: int | None = None
+        self.reductions = 0
         self.last_rollback: int | None = None
 
     def decide(self, step: int, loss: float | None, grad_norm: float | None, amp: bool) -> None:
@@ -102,6 +107,11 @@ class Autopilot:
                 self._report(step, "skip_batches", {"n": 1}, detail)
             if not allowed:
                 self._escalate(step, f"{reason}, and the skip cap is reached")
+                if not nonfinite:
+                    # A lasting level change is not a spike storm: past the cap the spike
+                    # baselines start over (50 steps of warm-up), so the new level becomes normal.
+                    self.loss_spike = RobustSpike(z=self.opts.spike_z)
+                    self.grad_spike = RobustSpike(z=self.opts.spike_z)
         if loss is not None and self.use_loss and self.opts.rollback and self.divergence.update(step, loss) is not None:
             self._diverged(step)
 
@@ -145,6 +155,9 @@ class Autopilot:
         self._reduce(step, why)
 
     def _reduce(self, step: int, why: str) -> None:
+        if self.reductions >= self.opts.max_lr_reductions:
+            return  # the alerts go on; cutting the LR further is a person's call
+        self.reductions += 1
         args = {"factor": self.opts.lr_factor, "min_lr": self.opts.min_lr}
         try:
             detail = self.control.run_builtin("reduce_lr", args, step)

@@ -95,6 +95,7 @@ class Controller:
         self.should_skip_used = False
         self.stop_requested = False
         self.paused = False
+        self.released = False  # finish() ended any pause for good
         self.step: int | None = None
         self.lockstep: Lockstep | None = None  # multi-rank: same-step application via the c10d store
         self._scheduled: list[tuple[int, Command]] = []
@@ -141,7 +142,7 @@ class Controller:
         self.step = step
         self.skip_now = False
         self._apply_queued(step)
-        while self.paused and not self.stop_requested:
+        while self.paused and not self.stop_requested and not self.released:
             with self._cond:
                 if not self._inbox:
                     self._cond.wait(PAUSE_POLL_S)
@@ -151,6 +152,13 @@ class Controller:
         if self.skip_remaining > 0:
             self.skip_now = True
             self.skip_remaining -= 1
+
+    def release(self) -> None:
+        """The run is finishing: end a pause (the training thread must not wait forever)."""
+        with self._cond:
+            self.paused = False
+            self.released = True
+            self._cond.notify_all()
 
     def record_automatic(self, ident: str, kind: str, args: dict[str, Any], step: int, detail: dict[str, Any]) -> None:
         """An action the agent took on its own (autopilot), reported like a command."""
@@ -186,9 +194,15 @@ class Controller:
         with self._cond:
             received = list(self._inbox)
             self._inbox.clear()  # on other ranks the store, not the inbox, says what to apply
-        if lockstep.leader and received:
-            lockstep.publish(received, step if self.paused else step + 1)
-        self._scheduled.extend(lockstep.poll())
+        try:
+            if lockstep.leader and received:
+                lockstep.publish(received, step if self.paused else step + 1)
+            self._scheduled.extend(lockstep.poll())
+        except Exception as exc:  # the store failed: keep what was received, try next step
+            with self._cond:
+                self._inbox.extendleft(reversed(received))
+            internal.report("command schedule (c10d store)", exc)
+            return
         due = [entry for entry in self._scheduled if entry[0] <= step]
         self._scheduled = [entry for entry in self._scheduled if entry[0] > step]
         for apply_at, command in due:
@@ -409,14 +423,27 @@ def wrap_optimizer_step(optimizer: Any, control: Controller) -> None:
                 result = closure()
         if control.skip_now:
             control.skip_now = False  # one update per skipped step
-            optimizer.zero_grad(set_to_none=True)
+            try:
+                optimizer.zero_grad(set_to_none=True)
+            except TypeError:  # an optimizer whose zero_grad takes no argument
+                optimizer.zero_grad()
             # What torch's LR-scheduler wrapper records on a real call: a skipped first step
             # is still a step, not a scheduler called "before optimizer.step()".
             optimizer._opt_called = True
             return result
         if closure is None:
             return original(*args, **kwargs)
-        return original(*args, closure=lambda: result, **kwargs)
+        # The closure already ran once (for the boundary); the optimizer's first call gets that
+        # result, later calls (LBFGS, SAM: several evaluations per step) run it for real.
+        first = [True]
+
+        def again() -> Any:
+            if first[0]:
+                first[0] = False
+                return result
+            return closure()
+
+        return original(*args, closure=again, **kwargs)
 
     step._trimtab_original = original  # type: ignore[attr-defined]
     # A bound method, as torch's own: an LR scheduler created later wraps ``step.__func__``.

@@ -4,10 +4,11 @@ The server sends a command to every rank's connection, but ranks get it at diffe
 moments. So only rank 0 schedules: at its step boundary s it writes the commands it has
 received to the store with ``apply_at = s + 1`` (or ``s`` while the job is paused there,
 since no rank can move on), and every rank, rank 0 included, applies the store's commands at
-their ``apply_at`` boundary. Data-parallel ranks are in lockstep through the gradient
-all-reduce: a rank reaches the boundary of step s + 1 only after rank 0 has left the boundary
-of step s, so the entry is always there in time. A rank that somehow finds an entry late
-applies it at once and says how late in the result.
+their ``apply_at`` boundary. When the gradient all-reduce blocks the CPU (gloo), a rank
+reaches the boundary of step s + 1 only after rank 0 has left the boundary of step s, so the
+entry is always there in time. NCCL's all-reduce does not block the CPU: a rank running
+ahead of rank 0 can find an entry late; it applies it at once and reports ``late_steps``
+(docs/control.md says so; an exact schedule for that case is still to do).
 
 Cost: one store round trip per step and rank (``add(key, 0)`` reads the entry count), plus
 one read per command. Only used when ``world_size > 1`` with an initialised process group.

@@ -7,7 +7,8 @@ recursively from each group's current ``lr`` and their own constants (CosineAnne
 ``eta_min``), or from values kept in the param groups (OneCycleLR's ``initial_lr``,
 ``max_lr``, ``min_lr``). Every such value is linear in the LR, so scaling all of them scales
 the whole trajectory: for every later step, new LR = old LR x factor. Composite schedulers
-(SequentialLR, ChainedScheduler) are scaled through their children.
+(SequentialLR, ChainedScheduler) are scaled through their children, and a wrapper that
+holds the real scheduler as ``.scheduler`` (accelerate's AcceleratedScheduler) through it.
 
 Nothing here imports torch at module level; the objects are duck-typed.
 """
@@ -54,6 +55,9 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
             setattr(scheduler, name, value * factor)
     for child in getattr(scheduler, "_schedulers", None) or ():
         _scale_scheduler(child, factor, seen)
+    inner = getattr(scheduler, "scheduler", None)  # accelerate's AcceleratedScheduler wraps one
+    if inner is not None and inner is not scheduler:
+        _scale_scheduler(inner, factor, seen)
 
 
 def _scaled(value: Any, factor: float) -> Any:

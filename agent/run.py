@@ -359,6 +359,7 @@ class Run:
         """
         if self._closed or os.getpid() != self._pid:
             return False
+        self._control.release()  # a paused training thread must not wait forever
         self.unwatch()  # statistics still being copied from the device go out with the rest
         self._closed = True
         timeout = self.options.finish_timeout if timeout is None else timeout

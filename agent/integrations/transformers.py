@@ -52,7 +52,10 @@ class TrimtabCallback(TrainerCallback):  # type: ignore[misc]
             optimizer = inner
         if model is None:
             return
-        run.watch(model, optimizer, kwargs.get("lr_scheduler"), **self._holder.watch_options)
+        # accelerate keeps fp16's GradScaler on its optimizer wrapper: given to watch, an
+        # overflow skip is known as one (not a NaN for the autopilot to act on).
+        scaler = getattr(optimizer, "scaler", None)
+        run.watch(model, optimizer, kwargs.get("lr_scheduler"), scaler, **self._holder.watch_options)
         if self._hook is None:
             self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
 

@@ -144,3 +144,18 @@ def test_a_policy_from_the_server_turns_it_on_and_off(run: trimtab.Run) -> None:
     control.receive({"id": "p3", "kind": "set_autopilot", "args": {"enabled": False}})
     train(run, model, opt, range(3, 4))
     assert run._autopilot is None
+
+
+def test_a_lasting_level_change_is_not_cut_to_nothing(run: trimtab.Run) -> None:
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000)
+    run.autopilot()
+    train(run, model, opt, range(150))
+    start_lr = opt.param_groups[0]["lr"]
+    # from step 150 on, every batch has 30x larger inputs: a new, lasting level (not a spike storm)
+    train(run, model, opt, range(150, 900), lambda step, x: x * 30)
+    reductions = auto(run, "reduce_lr")
+    assert 1 <= len(reductions) <= 3  # capped, and the spike baselines re-learn the new level
+    assert opt.param_groups[0]["lr"] >= start_lr * 0.5**3
+    late_skips = [h for h in auto(run, "skip_batches") if h["step"] > 400]
+    assert late_skips == []  # the new level became normal

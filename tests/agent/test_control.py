@@ -250,3 +250,63 @@ def test_lr_schedulers_before_or_after_the_wrap(scheduler_first: bool, recwarn: 
     assert [r["status"] for r in control.take_outgoing()] == ["delivered", "applied"]
     assert not [w for w in recwarn if "lr_scheduler" in str(w.message)]
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # the schedule went on
+
+
+def test_lbfgs_still_evaluates_its_closure_as_often_as_it_needs() -> None:
+    def fit(wrapped: bool) -> tuple[int, float]:
+        x = torch.tensor([-1.5, 2.0], requires_grad=True)
+        opt = torch.optim.LBFGS([x], lr=1, max_iter=50)
+        control = Controller()
+        if wrapped:
+            wrap_optimizer_step(opt, control)
+        calls = [0]
+
+        def closure() -> float:
+            calls[0] += 1
+            opt.zero_grad()
+            loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2  # Rosenbrock
+            loss.backward()  # type: ignore[no-untyped-call]
+            return float(loss.detach())
+
+        for _ in range(3):
+            opt.step(closure)  # type: ignore[arg-type,no-untyped-call]
+        return calls[0], float(((1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2).detach())
+
+    plain_calls, plain_loss = fit(False)
+    wrapped_calls, wrapped_loss = fit(True)
+    assert plain_calls > 10 and wrapped_calls == plain_calls and wrapped_loss == plain_loss
+
+
+def test_finishing_releases_a_paused_training_thread() -> None:
+    model, opt, control, _ = setup()
+    control.receive(cmd("p", "pause"))
+    done = threading.Event()
+
+    def loop() -> None:
+        train_step(model, opt, control, 0)
+        done.set()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(0.3)
+    assert not done.is_set() and control.paused
+    control.release()  # what run.finish() does first
+    thread.join(10)
+    assert done.is_set()
+
+
+def test_a_wrapped_scheduler_is_scaled_through_its_scheduler_attribute() -> None:
+    from trimtab.lr import scale_lr
+
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inner = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+
+    class Wrapper:  # the shape of accelerate's AcceleratedScheduler
+        def __init__(self, scheduler: Any) -> None:
+            self.scheduler = scheduler
+
+    scale_lr(opt, Wrapper(inner), 0.5)
+    opt.step()
+    inner.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 2)
