@@ -150,3 +150,11 @@ def test_state_is_strict_json_even_with_infinite_scores() -> None:
     text = json.dumps(ev.state(), allow_nan=False)  # PostgreSQL's json type has no Infinity
     again = RuleEvaluator.restore(spec, "loss", json.loads(text))
     assert again.state() == ev.state()
+
+
+def test_docs_list_every_shipped_rule() -> None:
+    from pathlib import Path
+
+    table = (Path(__file__).parents[2] / "docs" / "alerts.md").read_text()
+    missing = [r.name for r in DEFAULT_RULES if f"| `{r.name}` |" not in table]
+    assert missing == [], f"docs/alerts.md's defaults table lacks {missing}"
