@@ -100,7 +100,7 @@ class Autopilot:
             self._instability(step)
             allowed = self._may_skip(step)
             if allowed or nonfinite:  # a NaN update would poison the weights: never let it through
-                self.control.skip_remaining += 1  # this step's update (the boundary decides next)
+                self.control.drop_this_step = True  # this step's update (the boundary settles it)
                 self.skips.append(step)
                 self.in_row += 1
                 detail = {"reason": reason, "loss": loss, "grad_norm": grad_norm, "over_cap": not allowed}

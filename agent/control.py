@@ -90,13 +90,13 @@ class Controller:
         self.rollback_handlers: list[Callable[[int], Any]] = []
         self.target = Target()
         self.snapshots: Any = None  # trimtab.snapshots.Snapshots when enabled
-        self.skip_remaining = 0
+        self.skip_remaining = 0  # skip_batches: updates still to skip, from the next boundary on
+        self.drop_this_step = False  # rollback, autopilot: this boundary's update is not applied
         self.skip_now = False  # this step's update is not applied
         self.should_skip_used = False
         self.stop_requested = False
         self.paused = False
         self.released = False  # finish() ended any pause for good
-        self.step: int | None = None
         self.lockstep: Lockstep | None = None  # multi-rank: same-step application via the c10d store
         self._scheduled: list[tuple[int, Command]] = []
 
@@ -139,7 +139,6 @@ class Controller:
     def boundary(self, step: int, autopilot: Callable[[int], None] | None = None) -> None:
         """Apply what is queued; wait here while paused; let the autopilot act; decide
         whether this step's update is skipped."""
-        self.step = step
         self.skip_now = False
         self._apply_queued(step)
         while self.paused and not self.stop_requested and not self.released:
@@ -149,7 +148,9 @@ class Controller:
             self._apply_queued(step)
         if autopilot is not None:
             autopilot(step)
-        if self.skip_remaining > 0:
+        if self.drop_this_step:
+            self.skip_now, self.drop_this_step = True, False  # one reason to drop it is enough
+        elif self.skip_remaining > 0:
             self.skip_now = True
             self.skip_remaining -= 1
 
@@ -346,12 +347,14 @@ class Controller:
         to_step = args.get("to_step")
         if to_step is not None and (not isinstance(to_step, int) or isinstance(to_step, bool) or to_step < 0):
             raise Rejected(f"rollback: to_step must be an integer >= 0, got {to_step!r}")
-        restored = self.snapshots.restore(self.target, step if to_step is None else to_step)
+        # Default: the newest snapshot before this step (one taken at this very boundary holds
+        # the weights being rolled back from).
+        restored = self.snapshots.restore(self.target, step - 1 if to_step is None else to_step)
         if restored is None:
             have = self.snapshots.steps()
             raise Rejected(f"rollback: no snapshot at or before step {to_step}; kept: {have or 'none yet'}")
         # This step's gradients come from the weights being replaced: its update is dropped.
-        self.skip_remaining += 1
+        self.drop_this_step = True
         handled = [_json_safe(fn(restored)) for fn in self.rollback_handlers]
         # The optimizer and scheduler state came back too: LR changes made after the snapshot
         # (by commands or by hand) are undone. Say what the LR is now.

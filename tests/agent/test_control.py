@@ -310,3 +310,32 @@ def test_a_wrapped_scheduler_is_scaled_through_its_scheduler_attribute() -> None
     opt.step()
     inner.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05 / 2)
+
+
+def test_a_bare_rollback_goes_back_past_a_snapshot_taken_at_this_step() -> None:
+    model, opt, control, _ = setup()
+    control.snapshots = Snapshots(every=5, keep=3)
+    for step in range(10):
+        control.snapshots.maybe_take(step, control.target)
+        train_step(model, opt, control, step)
+    control.receive(cmd("r", "rollback"))
+    control.snapshots.maybe_take(10, control.target)  # a snapshot of the current weights, at this boundary
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, control, 10)
+    result = control.take_outgoing()[-1]
+    assert result["status"] == "applied" and result["detail"]["restored_step"] == 5
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_rollback_and_an_autopilot_drop_at_one_boundary_drop_one_update() -> None:
+    model, opt, control, _ = setup()
+    control.snapshots = Snapshots(every=5, keep=3)
+    for step in range(7):
+        control.snapshots.maybe_take(step, control.target)
+        train_step(model, opt, control, step)
+    control.receive(cmd("r", "rollback", to_step=5))
+    control.drop_this_step = True  # as the autopilot does for a bad step
+    train_step(model, opt, control, 7)
+    after_rollback = [p.detach().clone() for p in model.parameters()]
+    train_step(model, opt, control, 8)  # the next step trains again
+    assert not all(torch.equal(a, b) for a, b in zip(after_rollback, model.parameters(), strict=True))

@@ -12,7 +12,6 @@ from trimtab.detectors import (
     CRITICAL,
     WARNING,
     Band,
-    Corroboration,
     Detector,
     Divergence,
     Finding,
@@ -181,22 +180,6 @@ def test_the_streak_detectors_restore_mid_streak() -> None:
 
 def finding(step: int, detector: str = "robust_spike") -> Finding:
     return Finding(detector, step, 1.0, WARNING, "")
-
-
-def test_corroboration_needs_two_signals_close_together() -> None:
-    c = Corroboration(window=10, needed=2)
-    assert c.observe("robust_spike:loss", finding(100)) is None  # a lone loss bump
-    assert c.observe("robust_spike:loss", finding(101)) is None  # the same signal again
-    assert c.observe("robust_spike:grad_norm/total", finding(105)) == [
-        "robust_spike:grad_norm/total",
-        "robust_spike:loss",
-    ]
-    assert c.observe("nonfinite:loss", Finding("nonfinite", 200, math.nan, CRITICAL, "")) is None  # too late
-    restored = Corroboration.restore(json.loads(json.dumps(c.state(), allow_nan=False)))
-    assert restored.observe("robust_spike:grad_norm/total", finding(203)) == [
-        "nonfinite:loss",
-        "robust_spike:grad_norm/total",
-    ]
 
 
 def test_mad_selection_matches_sorting() -> None:
