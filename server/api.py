@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from trimtab.protocol import INT32_MAX, INT64_MAX, INT64_MIN, float_to_json
 from trimtab.server.context import ServerContext
-from trimtab.server.downsample import count_nonfinite, select_indices
 from trimtab.server.tokens import Principal
 
 DEFAULT_MAX_POINTS = 10_000
@@ -84,9 +83,10 @@ class ScalarsOut(BaseModel):
     steps: list[int]
     wall_times: list[float | str]
     values: list[float | str]  # numbers, or "NaN" / "Infinity" / "-Infinity"
-    total_points: int
+    total_points: int  # points in the requested range, not only those returned
     downsampled: bool
-    nonfinite: dict[str, int]
+    bucket_steps: int  # steps per bucket of the view; 1 when the points are raw
+    nonfinite: dict[str, int]  # of the points in the range: {"nan", "posinf", "neginf"}
 
 
 class HistogramOut(BaseModel):
@@ -185,39 +185,47 @@ async def get_scalars(
     ctx: Ctx,
     run_id: RunId,
     key: Key,
-    since_step: SinceStep = None,
+    since_step: Annotated[Step, Query(description="only steps strictly after this one (for live polling)")] = None,
+    start_step: Annotated[Step, Query(description="only steps from this one on (inclusive)")] = None,
     end_step: EndStep = None,
-    max_points: Annotated[int, Query(ge=2, le=MAX_MAX_POINTS)] = DEFAULT_MAX_POINTS,
+    max_points: Annotated[
+        int, Query(ge=2, le=MAX_MAX_POINTS, description="at most this many points; more are downsampled")
+    ] = DEFAULT_MAX_POINTS,
     rank: Rank = 0,
 ) -> Response:
-    body = await run_in_threadpool(_scalars_body, ctx, run_id, key, since_step, end_step, max_points, rank)
+    """One scalar key's points in the step range, in step order, at most `max_points`.
+
+    When the range holds more, it is cut into buckets of `bucket_steps` steps (a power of
+    two) and each bucket shows its finite minimum and maximum points and its first NaN,
+    +Inf and -Inf, at their real steps: spikes and non-finite values are never averaged
+    away. `total_points` and `nonfinite` count every point in the range. Built from
+    precomputed rollups, so a million-step series costs about as much as a short one.
+    """
+    lo = since_step + 1 if since_step is not None else None
+    if start_step is not None:
+        lo = start_step if lo is None else max(lo, start_step)
+    body = await run_in_threadpool(_scalars_body, ctx, run_id, key, lo, end_step, max_points, rank)
     # Built by hand: JSON has no NaN, and validating a million floats through pydantic is slow.
     return Response(body, media_type="application/json")
 
 
 def _scalars_body(
-    ctx: ServerContext, run_id: int, key: str, since: int | None, end: int | None, max_points: int, rank: int
+    ctx: ServerContext, run_id: int, key: str, start: int | None, end: int | None, max_points: int, rank: int
 ) -> bytes:
-    rows = ctx.store.scalar_rows(run_id, key, since, end, rank)
-    keep = select_indices(rows.steps, rows.values, max_points)
-    downsampled = len(keep) < len(rows.steps)
-    if downsampled:
-        steps = [rows.steps[i] for i in keep]
-        walls = [rows.walls[i] for i in keep]
-        values = [rows.values[i] for i in keep]
-    else:
-        steps, walls, values = rows.steps, rows.walls, rows.values
+    """The response for steps ``start``..``end`` (inclusive; None: unbounded)."""
+    view = ctx.store.scalar_view(run_id, key, start, end, max_points, rank)
     return _json(
         {
             "run_id": run_id,
             "key": key,
             "rank": rank,
-            "steps": steps,
-            "wall_times": [float_to_json(w) for w in walls],
-            "values": [float_to_json(v) for v in values],
-            "total_points": len(rows.steps),
-            "downsampled": downsampled,
-            "nonfinite": count_nonfinite(rows.values),
+            "steps": view.steps,
+            "wall_times": [float_to_json(w) for w in view.walls],
+            "values": [float_to_json(v) for v in view.values],
+            "total_points": view.total_points,
+            "downsampled": view.downsampled,
+            "bucket_steps": view.bucket_steps,
+            "nonfinite": view.nonfinite,
         }
     )
 

@@ -4,6 +4,8 @@ per transaction, and resolves each batch's future only after its rows are commit
 Dedupe is by (run, rank, seq) against ``ingested_seqs``, written in the same transaction as
 the rows, so a resent batch is acknowledged again but stored once. Scalar rows go in with
 the fastest path each driver has: ``executemany`` on SQLite, binary ``COPY`` on PostgreSQL.
+The scalar rollups (``rollups.py``) are folded in by the same transaction, so a view built
+from them always agrees with the points.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from sqlalchemy import Connection, case, insert, select, update
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, ProtocolError, pack_f64, pack_i64
+from trimtab.server import rollups
 from trimtab.server.db_errors import is_data_error
 from trimtab.server.store import Store
 from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, runs
@@ -159,6 +162,7 @@ class IngestWriter:
         hist_rows: list[dict[str, Any]] = []
         event_rows: list[dict[str, Any]] = []
         per_run: dict[int, dict[str, Any]] = {}
+        rollup_rows = rollups.RollupBatch()
         for job in jobs:
             totals = per_run.setdefault(
                 job.run_id, {"n_points": 0, "n_histograms": 0, "n_events": 0, "last_step": None}
@@ -169,6 +173,7 @@ class IngestWriter:
                     continue
                 key_id = self._key_id(conn, job.run_id, job.rank, "scalar", series.key)
                 scalar_parts.append(zip(repeat(key_id), series.steps, series.walls, series.values))
+                rollup_rows.add(key_id, series.steps, series.walls, series.values)
                 totals["n_points"] += len(series)
                 totals["last_step"] = _max(totals["last_step"], max(series.steps))
             for h in batch.histograms:
@@ -200,6 +205,7 @@ class IngestWriter:
                 totals["n_events"] += 1
         if scalar_parts:
             self._insert_scalars(conn, _chain(scalar_parts))
+            rollups.write(conn, self.store.sqlite, rollup_rows)
         if hist_rows:
             conn.execute(insert(histograms), hist_rows)
         if event_rows:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Hello, unpack_array
 from trimtab.server.engine import is_sqlite
+from trimtab.server.scalar_view import ScalarView, read_view
 from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, projects, runs, scalar_points
 
 logger = logging.getLogger("trimtab.server")
@@ -310,6 +311,14 @@ class Store:
         steps, walls, values = (list(col) for col in zip(*result, strict=False))
         # NULL is how SQLite stores NaN; read it back as NaN on every backend.
         return ScalarRows(steps, walls, [nan if v is None else v for v in values])
+
+    def scalar_view(
+        self, run_id: int, key: str, lo: int | None, hi: int | None, max_points: int, rank: int = 0
+    ) -> ScalarView:
+        """Steps ``lo``..``hi`` (inclusive, None: unbounded) of the key as at most ``max_points``
+        points: raw when they fit, else each bucket's extremes and non-finite markers."""
+        with self.transaction() as conn:
+            return read_view(conn, self._key_id(conn, run_id, "scalar", key, rank), lo, hi, max_points)
 
     def histogram_rows(
         self, run_id: int, key: str, rank: int, since_step: int | None, end_step: int | None, limit: int

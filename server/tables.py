@@ -90,6 +90,39 @@ scalar_points = Table(
     Index("ix_scalar_points_key_id_step", "key_id", "step"),
 )
 
+# Per-bucket summaries of scalar_points (server/rollups.py), kept by ingest in the same
+# transaction as the points, so a long series is viewed without reading every point.
+# Values follow scalar_points' rule: NULL first_value/last_value is NaN; min/max are finite
+# or NULL (the bucket holds no finite value). No foreign key, as for scalar_points.
+scalar_rollups = Table(
+    "scalar_rollups",
+    metadata,
+    Column("key_id", Integer, nullable=False),
+    Column("level", Integer, nullable=False),  # buckets are 2**level steps wide
+    Column("bucket", BigInteger, nullable=False),  # step >> level
+    Column("n_points", BigInteger, nullable=False),
+    Column("min_value", Double, nullable=True),
+    Column("min_step", BigInteger, nullable=True),  # the first step holding min_value
+    Column("min_wall", Double, nullable=True),
+    Column("max_value", Double, nullable=True),
+    Column("max_step", BigInteger, nullable=True),
+    Column("max_wall", Double, nullable=True),
+    Column("first_step", BigInteger, nullable=False),
+    Column("first_value", Double, nullable=True),
+    Column("last_step", BigInteger, nullable=False),
+    Column("last_value", Double, nullable=True),
+    Column("nan_count", BigInteger, nullable=False),
+    Column("pinf_count", BigInteger, nullable=False),
+    Column("ninf_count", BigInteger, nullable=False),
+    Column("first_nan_step", BigInteger, nullable=True),
+    Column("first_nan_wall", Double, nullable=True),
+    Column("first_pinf_step", BigInteger, nullable=True),
+    Column("first_pinf_wall", Double, nullable=True),
+    Column("first_ninf_step", BigInteger, nullable=True),
+    Column("first_ninf_wall", Double, nullable=True),
+    PrimaryKeyConstraint("key_id", "level", "bucket"),
+)
+
 histograms = Table(
     "histograms",
     metadata,

@@ -55,6 +55,11 @@ def test_keys_and_incremental_reads(server: ServerProcess, tmp_path: Path) -> No
     window = server.get(f"/api/v1/runs/{run.id}/scalars?key=loss&since_step=9&end_step=12")
     assert window["steps"] == [10, 11, 12]
     assert window["values"] == [1.0 / 11, 1.0 / 12, 1.0 / 13]
+    assert (window["bucket_steps"], window["downsampled"], window["total_points"]) == (1, False, 3)
+    # start_step is inclusive; with since_step too, the later bound wins
+    assert server.get(f"/api/v1/runs/{run.id}/scalars?key=loss&start_step=10&end_step=12")["steps"] == [10, 11, 12]
+    both = server.get(f"/api/v1/runs/{run.id}/scalars?key=loss&start_step=10&since_step=10&end_step=12")
+    assert both["steps"] == [11, 12]
 
 
 def test_downsampled_series_keeps_spike_and_marks_nonfinite(server: ServerProcess, tmp_path: Path) -> None:
@@ -71,6 +76,7 @@ def test_downsampled_series_keeps_spike_and_marks_nonfinite(server: ServerProces
             run.log({"loss": value}, step=step)
     data = server.get(f"/api/v1/runs/{run.id}/scalars?key=loss&max_points=100")
     assert data["downsampled"] is True and data["total_points"] == n
+    assert data["bucket_steps"] == 512  # the smallest power of two giving at most 50 buckets
     assert len(data["steps"]) <= 100
     by_step = dict(zip(data["steps"], data["values"], strict=True))
     assert by_step[12_345] == 500.0
