@@ -6,8 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The browser tests drive Debian's Chromium through its own chromedriver (versions match).
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck pytest install clean
+.PHONY: demo test lint typecheck pytest install browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +22,12 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 install: $(STAMP)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+
+browser: $(CHROMEDRIVER)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -38,7 +47,7 @@ typecheck: $(STAMP)
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p trimtab
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy tests benchmarks scripts examples
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(CHROMEDRIVER)
 	$(PY) -m pytest -n 2 --dist loadfile
 
 clean:

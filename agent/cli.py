@@ -25,6 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--no-auth", action="store_true", help="disable tokens (loopback binds only)")
     server.add_argument("--auto-upgrade", action="store_true", help="migrate the database on start")
 
+    server.add_argument("--no-dashboard", action="store_true", help="serve the API only (/ redirects to /docs)")
+
+    ui = sub.add_parser("dashboard", help="serve the dashboard alone, against a trimtab API elsewhere")
+    ui.add_argument("--api-url", required=True, help="the trimtab server, e.g. https://trimtab.example.com")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    ui.add_argument(
+        "--session-secret",
+        default=None,
+        help="signs session cookies (default: $TRIMTAB_SESSION_SECRET, else random: sessions end at a restart)",
+    )
+
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     for name, text in (
@@ -58,6 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         print(f"trimtab: {_NEEDS_SERVER}", file=sys.stderr)
         return 2
+    if args.command == "dashboard":
+        import os
+
+        try:
+            from trimtab.dashboard.serve import serve_dashboard
+        except ImportError:
+            print(f"trimtab: {_NEEDS_SERVER}", file=sys.stderr)
+            return 2
+        secret = args.session_secret or os.environ.get("TRIMTAB_SESSION_SECRET")
+        return serve_dashboard(args.api_url, args.host, args.port, secret)
     overrides = {
         "db_url": args.db,
         "data_dir": args.data_dir,
@@ -68,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides["auth"] = False
     if getattr(args, "auto_upgrade", False):
         overrides["auto_upgrade"] = True
+    if getattr(args, "no_dashboard", False):
+        overrides["dashboard"] = False
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
 
     if args.command == "server":

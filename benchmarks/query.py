@@ -129,14 +129,16 @@ def bench(name: str, db_url: str, n: int, repeats: int) -> list[tuple[str, float
             rows.append((label, med, p95))
             say(f"[{name}] {label}: median {med:.1f} ms, p95 {p95:.1f} ms")
         centre = max(s for s, v in special.items() if v == 1e6)
-        windows = [("view, full range", None, None)]
+        windows: list[tuple[str, int | None, int | None]] = [("view, full range", None, None)]
         windows += [
             (f"view, {w:,}-step zoom", centre - w // 2 + 3, centre + w // 2 + 2) for w in (100_000, 10_000, 1000)
         ]
         for label, lo, hi in windows:
-            med, p95, body = timed(
-                lambda lo=lo, hi=hi: api._scalars_body(ctx, run_id, "loss", lo, hi, VIEW_POINTS, 0), repeats
-            )
+
+            def view(lo: int | None = lo, hi: int | None = hi) -> bytes:
+                return api._scalars_body(ctx, run_id, "loss", lo, hi, VIEW_POINTS, 0)
+
+            med, p95, body = timed(view, repeats)
             check_view(body, special, 0 if lo is None else lo, n if hi is None else hi)
             rows.append((label, med, p95))
             say(f"[{name}] {label}: median {med:.2f} ms, p95 {p95:.2f} ms ({len(json.loads(body)['steps'])} points)")

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import WS_PATH
@@ -25,6 +26,7 @@ from trimtab.server.context import ServerContext
 from trimtab.server.delivery import DeliveryWorker
 from trimtab.server.engine import make_engine
 from trimtab.server.errors import error_response, install_error_handlers
+from trimtab.server.identity_api import router as identity_router
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
 from trimtab.server.sinks_api import router as sinks_router
@@ -85,11 +87,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(sinks_router)
     app.include_router(commands_router)
     app.include_router(autopilot_router)
+    app.include_router(identity_router)
     app.add_api_websocket_route(WS_PATH, agent_socket)
-
-    @app.get("/", include_in_schema=False)
-    async def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -107,4 +106,41 @@ def create_app(settings: Settings) -> FastAPI:
             return error_response(ErrorCode.STORE_UNAVAILABLE, f"database unreachable: {type(exc).__name__}")
         return JSONResponse({"status": "ready", "schema": migrate.head_revision()})
 
+    if settings.dashboard:
+        mount_dashboard(app, settings)
+    else:
+
+        @app.get("/", include_in_schema=False)
+        async def root() -> RedirectResponse:
+            return RedirectResponse("/docs")
+
     return app
+
+
+def mount_dashboard(app: FastAPI, settings: Settings) -> None:
+    """The Dash UI at / (after every API route, so those match first); it calls this server's API."""
+    from a2wsgi import WSGIMiddleware
+
+    from trimtab.dashboard.app import create_dash
+    from trimtab.dashboard.session import new_secret
+
+    dash_app = create_dash(
+        settings.local_url,
+        auth=settings.auth,
+        secret=settings.session_secret or new_secret(),
+        secure_cookie=settings.base_url.startswith("https://"),
+    )
+    wsgi = WSGIMiddleware(dash_app.server)  # type: ignore[arg-type]
+
+    async def dashboard(scope: Scope, receive: Receive, send: Send) -> None:
+        # Dash answers every path no API route matched, except under /api/: a mistyped API
+        # path (or a wrong method) stays a JSON error, never the dashboard's HTML.
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        elif scope["type"] == "http" and scope["path"].startswith("/api/"):
+            message = f"no API route {scope['method']} {scope['path']} (see /docs)"
+            await error_response(ErrorCode.NOT_FOUND, message)(scope, receive, send)
+        else:
+            await wsgi(scope, receive, send)  # type: ignore[arg-type]
+
+    app.mount("/", dashboard)

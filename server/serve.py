@@ -31,6 +31,7 @@ def prepare_database(settings: Settings) -> None:
 
 def serve(settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: the dashboard makes many
     settings.check_bind()
     try:
         prepare_database(settings)

@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     # Commands (command_hub.py): this often, overdue ones expire and the agents connected here
     # get the commands created through other replicas.
     command_sweep_s: float = Field(default=1.0, gt=0)
+    # The Dash dashboard at / (off: the API only, / redirects to /docs).
+    dashboard: bool = True
+    # Signs the dashboard's session cookies. Unset: a random one per process, so sessions end
+    # when the server restarts; behind a load balancer, give every replica the same one.
+    session_secret: str | None = Field(default=None, min_length=16)
 
     @property
     def database_url(self) -> str:
@@ -65,6 +70,16 @@ class Settings(BaseSettings):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def local_url(self) -> str:
+        """How this process reaches its own API (the mounted dashboard calls it like any client)."""
+        host = self.host
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     @property
     def embedded(self) -> bool:
