@@ -9,7 +9,9 @@ times (median and p95, server time: the REST handler's body function, JSON inclu
 (a) raw read: ``Store.scalar_rows`` of the whole series;
 (b) the old path: raw read + ``downsample.select_indices`` to 2,000 points;
 (c) the new full-range view: ``api._scalars_body`` with max_points=2000;
-(d) zoomed views of 100k, 10k and 1k steps around a spike (same body function).
+(d) zoomed views of 100k, 10k and 1k steps around a spike (same body function);
+(e) the dashboard's chart: the full-range view parsed, built into the overview figure
+    (``dashboard.figures``) and serialised to JSON, as a callback does.
 
 Every view is checked to hold every spike and NaN in its range and at most 2,000 points. The
 table prints the ratio raw / view. Target: (c) <= 100 ms on both backends.
@@ -81,7 +83,9 @@ def check_view(body: bytes, special: dict[int, float], lo: int, hi: int) -> None
 
 
 def bench(name: str, db_url: str, n: int, repeats: int) -> list[tuple[str, float, float]]:
-    from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries
+    from trimtab.dashboard import figures
+    from trimtab.dashboard.client import Series
+    from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries, float_from_json
     from trimtab.server import api, migrate
     from trimtab.server.downsample import select_indices
     from trimtab.server.engine import make_engine
@@ -142,6 +146,16 @@ def bench(name: str, db_url: str, n: int, repeats: int) -> list[tuple[str, float
             check_view(body, special, 0 if lo is None else lo, n if hi is None else hi)
             rows.append((label, med, p95))
             say(f"[{name}] {label}: median {med:.2f} ms, p95 {p95:.2f} ms ({len(json.loads(body)['steps'])} points)")
+
+        def chart() -> Any:
+            """What the dashboard's server does for the chart: the view, parsed, as a figure, as JSON."""
+            body = json.loads(api._scalars_body(ctx, run_id, "loss", None, None, VIEW_POINTS, 0))
+            view = Series("loss", body["steps"], [float_from_json(v) for v in body["values"]], body["total_points"])
+            return figures.overview_figure([figures.Panel("loss", [view])], []).to_json()
+
+        med, p95, _ = timed(chart, repeats)
+        rows.append(("chart: view + Plotly figure + JSON", med, p95))
+        say(f"[{name}] chart: median {med:.2f} ms, p95 {p95:.2f} ms")
         return rows
     finally:
         engine.dispose()

@@ -35,7 +35,12 @@ def step_grid(series: list[Series], columns: int) -> Grid:
     if not steps:
         return Grid([ser.key for ser in series], [], 1, [[] for _ in series], [])
     lo, hi = min(steps), max(steps)
-    width = max(1, math.ceil((hi - lo + 1) / columns))
+    # No more columns than a typical row has points: with more, rows whose points fall at
+    # different steps (each bucket's min and max) leave cells empty and the map striped.
+    typical = sorted(len(ser.steps) for ser in series)[len(series) // 2]
+    columns = max(1, min(columns, typical))
+    # Nor narrower than the API's buckets: a bucket's points (its min and max) sit anywhere in it.
+    width = max(1, math.ceil((hi - lo + 1) / columns), *(ser.bucket_steps for ser in series))
     n = (hi - lo) // width + 1
     z: list[list[float | None]] = []
     bad: list[tuple[int, int, str]] = []

@@ -48,7 +48,7 @@ def nonfinite_rows(events: list[dict[str, Any]]) -> list[list[Any]]:
                 e.get("step"),
                 e.get("rank", 0),
                 d.get("source", "?"),
-                html.B(markers.where(d)),
+                html.B(d.get("module") or "-"),  # the replay's finding; none when it found none
                 d.get("param") or "-",
                 str(d.get("loss", "-")),
             ]

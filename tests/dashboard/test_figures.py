@@ -94,10 +94,18 @@ def test_the_layer_heatmap_keeps_each_cells_largest_value_and_marks_nan_cells() 
     assert list(fig.data[1].customdata) == ["NaN"]
 
 
+def test_grid_columns_are_never_narrower_than_the_apis_buckets() -> None:
+    # A downsampled view: one point per 16-step bucket, anywhere in it.
+    view = Series("grad_norm/w", [s * 16 + (s * 7) % 16 for s in range(100)], [1.0] * 100, bucket_steps=16)
+    grid = step_grid([view], 300)
+    assert grid.width == 16 and all(v is not None for v in grid.z[0])
+
+
 def test_columns_without_points_are_dropped_from_the_step_grid() -> None:
-    sparse = Series("update_ratio/w", [0, 100, 200], [1e-3, 2e-3, 3e-3])
-    grid = step_grid([sparse], 300)
-    assert grid.columns == [0, 100, 200] and grid.z == [[1e-3, 2e-3, 3e-3]]
+    sparse = Series("update_ratio/w", [0, 100, 400], [1e-3, 2e-3, 3e-3])
+    grid = step_grid([sparse, Series("update_ratio/b", [0, 100, 400], [1.0, 2.0, 3.0])], 300)
+    assert grid.width == 134  # three columns at most: a row has three points
+    assert grid.columns == [0, 268] and grid.z == [[2e-3, 3e-3], [2.0, 3.0]]
 
 
 def test_histograms_regrid_onto_shared_edges_with_exact_totals_and_visible_nonfinite_counts() -> None:
