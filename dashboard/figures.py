@@ -1,5 +1,8 @@
 """Line charts on a shared step axis, as pure functions of API data (tested without a browser).
 
+Keys, run names and messages come from training scripts: they are HTML-escaped wherever
+Plotly would render its subset of HTML (trace names, hover text, titles, tick labels).
+
 Plotly leaves a gap where a value is NaN and says nothing: here every non-finite point also
 gets a marker of its own (an x for NaN, a triangle for ±Inf) on the last finite value
 before it, so a NaN is never silently dropped. Alerts, commands and NaN/Inf events sit in
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from html import escape
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -98,7 +102,7 @@ def overview_figure(panels: list[Panel], markers: list[Marker], *, uirevision: s
         panel.traces = []
         for i, s in enumerate(panel.series):
             color = COLORS[i % len(COLORS)]
-            line = _line(s, s.key, color, s.key)
+            line = _line(s, escape(s.key), color, escape(s.key))
             line.update(showlegend=len(panel.series) > 1, legendgroup=panel.title)
             fig.add_trace(line, row=r, col=1)
             panel.traces.append(n)
@@ -138,7 +142,7 @@ def _nonfinite_trace(series: Series, color: str) -> go.Scatter:
         x=nf.steps,
         y=nf.y,
         mode="markers",
-        name=f"{series.key} NaN/Inf",
+        name=f"{escape(series.key)} NaN/Inf",
         marker={
             "symbol": [NONFINITE_SYMBOLS[k] for k in nf.kinds],
             "size": 11,
@@ -146,7 +150,7 @@ def _nonfinite_trace(series: Series, color: str) -> go.Scatter:
             "line": {"width": 2, "color": SEVERITY_COLORS["critical"]},
         },
         customdata=nf.kinds,
-        hovertemplate=f"{series.key} = %{{customdata}} at step %{{x}}<extra></extra>",
+        hovertemplate=f"{escape(series.key)} = %{{customdata}} at step %{{x}}<extra></extra>",
         showlegend=False,
     )
 
@@ -200,12 +204,13 @@ def compare_figure(series: list[tuple[str, Series]], key: str, log_y: bool = Fal
     fig = go.Figure()
     for i, (label, s) in enumerate(series):
         color = COLORS[i % len(COLORS)]
-        fig.add_trace(_line(s, label, color, f"{label}<br>{key}"))
+        label = escape(label)
+        fig.add_trace(_line(s, label, color, f"{label}<br>{escape(key)}"))
         nf = _nonfinite_trace(s, color)
         nf.name = f"{label} NaN/Inf"
         fig.add_trace(nf)
     fig.update_layout(
-        title=key,
+        title=escape(key),
         xaxis_title="step",
         yaxis_type="log" if log_y else "linear",
         height=520,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from html import escape
 from itertools import pairwise
 
 import plotly.graph_objects as go
@@ -72,7 +73,7 @@ def step_grid(series: list[Series], columns: int) -> Grid:
 def layer_heatmap(series: list[Series], *, prefix: str, title: str, columns: int = 300) -> go.Figure:
     """One row per layer (the key without ``prefix``), colour = log10 of the cell's maximum."""
     grid = step_grid(series, columns)
-    names = [r.removeprefix(prefix) for r in grid.rows]
+    names = [escape(r.removeprefix(prefix)) for r in grid.rows]  # Plotly renders tags in labels
     z = [[_log10(v) for v in row] for row in grid.z]
     fig = go.Figure(
         go.Heatmap(
@@ -179,7 +180,7 @@ def distribution_heatmap(hists: list[Histogram], key: str, selected: int | None 
     if selected is not None:
         fig.add_vline(x=selected, line={"color": "#d62728", "width": 1, "dash": "dash"})
     fig.update_layout(
-        title=f"{key} over time",
+        title=f"{escape(key)} over time",
         xaxis_title="step",
         yaxis_title="value",
         height=420,
@@ -196,7 +197,7 @@ def histogram_bars(h: Histogram, key: str) -> go.Figure:
     nonfinite = f"NaN {h.nan:,}, +Inf {h.pinf:,}, -Inf {h.ninf:,}"
     fig = go.Figure(go.Bar(x=centres, y=h.counts, width=widths, marker={"color": "#1f77b4"}))
     fig.update_layout(
-        title=f"{key} at step {h.step:,}: {sum(h.counts):,} finite values; {nonfinite}",
+        title=f"{escape(key)} at step {h.step:,}: {sum(h.counts):,} finite values; {nonfinite}",
         xaxis_title="value",
         yaxis_title="count",
         height=320,

@@ -53,7 +53,7 @@ def from_alerts(alerts: list[dict[str, Any]]) -> list[Marker]:
             int(a["first_step"]),
             ALERT,
             f"{a['rule']} ({a['status']})",
-            f"<b>{escape(a['rule'])}</b> {a['severity']}, {a['status']}<br>{escape(_wrap(a['message']))}"
+            f"<b>{escape(a['rule'])}</b> {a['severity']}, {a['status']}<br>{_wrap(escape(a['message']))}"
             f"<br>steps {a['first_step']}-{a['last_step']}",
             a["severity"],
         )

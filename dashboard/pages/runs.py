@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -48,9 +48,26 @@ def register(app: Dash) -> None:
         return html.Table([html.Thead(html.Tr([html.Th(h) for h in head])), html.Tbody(rows)], className="runs")
 
 
+# (api, run, last step) -> its last loss: a run whose last step has not moved since the
+# previous refresh (finished, stale, or between two batches) costs no request.
+_LAST_LOSS: OrderedDict[tuple[str, int, int], float | None] = OrderedDict()
+LOSS_CACHE_SIZE = 2000
+
+
 def last_loss(api: ApiClient, run: dict[str, Any]) -> float | None:
     if run.get("last_step") is None:
         return None
+    key = (api.base_url, int(run["id"]), int(run["last_step"]))
+    if key in _LAST_LOSS:
+        return _LAST_LOSS[key]
+    loss = _fetch_last_loss(api, run)
+    _LAST_LOSS[key] = loss
+    if len(_LAST_LOSS) > LOSS_CACHE_SIZE:
+        _LAST_LOSS.popitem(last=False)
+    return loss
+
+
+def _fetch_last_loss(api: ApiClient, run: dict[str, Any]) -> float | None:
     try:
         s = api.scalars(run["id"], "loss", start_step=max(0, run["last_step"] - LOSS_LOOKBACK), max_points=500)
     except ApiError as exc:

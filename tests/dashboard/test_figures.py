@@ -123,6 +123,19 @@ def test_histograms_regrid_onto_shared_edges_with_exact_totals_and_visible_nonfi
     assert "NaN 7, +Inf 1, -Inf 0" in bars.layout.title.text
 
 
+def test_keys_are_escaped_where_plotly_renders_html() -> None:
+    evil = '<a href="https://evil.example">x</a>'
+    fig = overview_figure([Panel("loss", [series(evil, [1.0, math.nan])])], [])
+    for t in fig.data[3:]:
+        assert "<a " not in t.name and "<a " not in (t.hovertemplate or "")
+    heat = layer_heatmap([series(f"grad_norm/{evil}", [1.0])], prefix="grad_norm/", title="g")
+    assert list(heat.data[0].y) == ["&lt;a href=&quot;https://evil.example&quot;&gt;x&lt;/a&gt;"]
+    hist = Histogram(step=1, edges=[0.0, 1.0], counts=[1], nan=0, pinf=0, ninf=0)
+    assert "<a " not in histogram_bars(hist, evil).layout.title.text
+    assert "<a " not in distribution_heatmap([hist], evil).layout.title.text
+    assert "<a " not in compare_figure([(evil, series("loss", [1.0]))], evil).data[0].name
+
+
 def test_compare_overlays_one_key_of_several_runs() -> None:
     fig = compare_figure([("1: a", series("loss", [1.0, math.nan])), ("2: b", series("loss", [2.0, 1.0]))], "loss")
     assert [t.name for t in fig.data] == ["1: a", "1: a NaN/Inf", "2: b", "2: b NaN/Inf"]
@@ -201,4 +214,6 @@ def test_markers_from_api_rows() -> None:
         "last_step": 9,
     }
     (m,) = markers.from_alerts([alert])
-    assert m.step == 7 and m.severity == "warning" and "<br>" in m.detail  # long messages wrap
+    assert m.step == 7 and m.severity == "warning"
+    assert "jumped<br>loss" in m.detail or "jumped loss<br>" in m.detail  # long messages wrap
+    assert "&lt;br&gt;" not in m.detail
