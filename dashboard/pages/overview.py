@@ -200,6 +200,9 @@ def register(app: Dash) -> None:
             sig = fetch_markers(api, run_id)[1]
             if sig != state["sig"]:
                 return _redraw_once(seen, sig, run)
+            shown = sorted(k for _, keys, _ in choose_panels(api.keys(run_id)) for k in keys)
+            if shown != sorted(state["traces"]):  # a chart's first points (e.g. opened before them)
+                return _redraw_once(seen, f"{sig}|keys:{','.join(shown)}", run)
             if state.get("range") or run["last_step"] is None:
                 return no_update, no_update, header(run), no_update
             new: dict[int, Series] = {}

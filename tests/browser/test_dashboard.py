@@ -273,3 +273,34 @@ def test_without_the_control_scope_the_panel_is_not_offered(stack: dict[str, Any
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
+
+
+LATE_KEYS = """
+import sys, time, trimtab
+run = trimtab.init(server=sys.argv[1], token=sys.argv[2], project="browser-late", name="late")
+run.log({"agent/ready": 1.0}, step=0)
+time.sleep(float(sys.argv[3]))
+for step in range(1, 60):
+    run.log({"loss": 1.0 / step}, step=step)
+run.finish(timeout=30)
+"""
+
+
+def test_a_chart_appears_when_its_first_points_arrive(stack: dict[str, Any], browser: webdriver.Chrome) -> None:
+    """The overview opened before the run logged its loss shows the loss once it comes."""
+    server: ServerProcess = stack["server"]
+    agent = subprocess.Popen(
+        [sys.executable, "-c", LATE_KEYS, server.url, stack["tokens"]["agent"], "8"],
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    try:
+        runs = wait_for(
+            "the late run", lambda: api_get(f"{server.url}/api/v1/runs?project=browser-late", stack["tokens"]["viewer"])
+        )
+        login(browser, server.url, stack["tokens"]["operator"], f"/runs/{runs[0]['id']}")
+        wait_text(browser, "ov-notes", "no loss, LR or gradient-norm series yet")
+        loss = wait_for("the loss chart", lambda: (t := trace(browser, "ov-graph", "loss", "lines")) and t, timeout=60)
+        assert 1 in loss["x"]
+    finally:
+        assert agent.wait(60) == 0
