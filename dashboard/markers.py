@@ -29,7 +29,7 @@ def from_events(events: list[dict[str, Any]]) -> list[Marker]:
         if e.get("kind") != "nonfinite" or e.get("step") is None:
             continue
         data = e.get("data") or {}
-        lines = [f"<b>non-finite at step {e['step']}</b> (rank {e.get('rank', 0)})"]
+        lines = [f"<b>non-finite at step {e['step']}</b> (rank {escape(str(e.get('rank', 0)))})"]
         lines += [f"{k}: {escape(str(data[k]))}" for k in PROVENANCE_FIELDS if data.get(k) not in (None, "", [])]
         out.append(Marker(int(e["step"]), NONFINITE, f"non-finite ({where(data)})", "<br>".join(lines), "critical"))
     return out
@@ -53,7 +53,8 @@ def from_alerts(alerts: list[dict[str, Any]]) -> list[Marker]:
             int(a["first_step"]),
             ALERT,
             f"{a['rule']} ({a['status']})",
-            f"<b>{escape(a['rule'])}</b> {a['severity']}, {a['status']}<br>{_wrap(escape(a['message']))}"
+            f"<b>{escape(a['rule'])}</b> {escape(str(a['severity']))}, {escape(str(a['status']))}"
+            f"<br>{_wrap(escape(a['message']))}"
             f"<br>steps {a['first_step']}-{a['last_step']}",
             a["severity"],
         )
@@ -73,7 +74,7 @@ def from_commands(commands: list[dict[str, Any]]) -> list[Marker]:
                 COMMAND,
                 f"{c['kind']} {args_text(c.get('args') or {})}".strip(),
                 f"<b>{escape(c['kind'])}</b> {escape(args_text(c.get('args') or {}))}<br>{escape(status_text(c))}"
-                f"<br>by {escape(str(c.get('created_by', '?')))} ({c.get('source', 'human')})",
+                f"<br>by {escape(str(c.get('created_by', '?')))} ({escape(str(c.get('source', 'human')))})",
                 "info" if c["status"] == "applied" else "warning",
             )
         )

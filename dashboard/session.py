@@ -19,7 +19,8 @@ import flask
 from trimtab.dashboard.client import ApiClient, ApiError
 
 COOKIE = "trimtab_session"
-OPEN_PREFIXES = ("/login", "/logout", "/_dash-component-suites/", "/assets/", "/_favicon.ico", "/healthz")
+OPEN_PATHS = frozenset({"/login", "/logout", "/_favicon.ico"})
+OPEN_PREFIXES = ("/_dash-component-suites/", "/assets/")  # static files, no data
 
 
 def new_secret() -> str:
@@ -39,7 +40,8 @@ def install(server: flask.Flask, api_url: str, *, auth: bool, secret: str, secur
 
     @server.before_request
     def guard() -> Any:
-        if not auth or "token" in flask.session or flask.request.path.startswith(OPEN_PREFIXES):
+        path = flask.request.path
+        if not auth or "token" in flask.session or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
             return None
         if flask.request.method == "GET" and not flask.request.path.startswith("/_dash"):
             return flask.redirect(f"/login?next={_safe_next(flask.request.full_path)}")
@@ -93,7 +95,8 @@ def who(auth: bool) -> str | None:
 def _safe_next(target: str) -> str:
     """Only paths on this site: an open redirect would let a link send people elsewhere after login."""
     parsed = urlparse(target)
-    if parsed.scheme or parsed.netloc or not target.startswith("/") or target.startswith("//"):
+    unsafe = "\\" in target or any(ord(c) < 32 for c in target)  # browsers read /\x as //x
+    if unsafe or parsed.scheme or parsed.netloc or not target.startswith("/") or target.startswith("//"):
         return "/"
     return target.rstrip("?") or "/"
 

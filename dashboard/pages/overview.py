@@ -8,6 +8,7 @@ the visible step range, which comes back at full resolution once it is narrow en
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dash import Dash, Input, Output, State, dcc, html, no_update
@@ -93,7 +94,8 @@ def fetch_markers(api: ApiClient, run_id: int) -> tuple[list[markers.Marker], st
     sig = "|".join(
         [
             ",".join(str(e["id"]) for e in events),
-            ",".join(f"{a['id']}:{a['status']}:{a['last_step']}" for a in alerts),
+            # Not last_step: a firing alert moves it with every finding, which would redraw each tick.
+            ",".join(f"{a['id']}:{a['status']}" for a in alerts),
             ",".join(f"{c['id']}:{c['status']}" for c in commands),
         ]
     )
@@ -194,9 +196,11 @@ def register(app: Dash) -> None:
         api = client()
         try:
             run = api.run(run_id)
-            if "rev" not in state:  # the first drawing is still on its way
-                return no_update, no_update, header(run), no_update
-            seen = seen if seen and seen.get("rev") == state["rev"] else {"rev": state["rev"], "last": state["last"]}
+            if "rev" not in state:  # the first drawing is on its way, or failed: ask again later
+                return _redraw_once(seen or {}, "first", run)
+            if not seen or seen.get("rev") != state["rev"]:  # a new figure: start from what it holds
+                kept: dict[str, Any] = {k: seen[k] for k in ("asked", "asked_at") if seen and k in seen}
+                seen = {**kept, "rev": state["rev"], "last": state["last"], "appended": 0}
             sig = fetch_markers(api, run_id)[1]
             if sig != state["sig"]:
                 return _redraw_once(seen, sig, run)
@@ -205,28 +209,42 @@ def register(app: Dash) -> None:
                 return _redraw_once(seen, f"{sig}|keys:{','.join(shown)}", run)
             if state.get("range") or run["last_step"] is None:
                 return no_update, no_update, header(run), no_update
+            if seen.get("appended", 0) > VIEW_POINTS:  # the figure outgrew its view: a fresh one
+                return _redraw_once(seen, "grown", run)
             new: dict[int, Series] = {}
             last = dict(seen["last"])
+            nonfinite = False
             for key, idx in state["traces"].items():
                 held = last.get(key)
                 if held is not None and held >= run["last_step"]:
                     continue
                 s = api.scalars(run_id, key, since_step=held, max_points=CATCH_UP_POINTS)
-                if has_nonfinite(s):  # it needs a marker: redraw, which places it
-                    return _redraw_once(seen, f"{sig}|nonfinite@{s.last_step}", run)
+                nonfinite = nonfinite or has_nonfinite(s)
                 if s.steps:
                     new[idx] = s
                     last[key] = s.last_step
         except ApiError as exc:
             return no_update, no_update, error_box(exc), no_update
-        ext = extension(new)
+        ext = extension(new)  # NaN/Inf go in as gaps; the redraw below adds their markers
+        appended = seen.get("appended", 0) + max((len(s.steps) for s in new.values()), default=0)
+        seen = {**seen, "last": last, "appended": appended}
+        if nonfinite or seen.get("nonfinite_pending"):
+            _, asked, _, rebuild = _redraw_once(seen, "nonfinite", run)
+            # Throttled: ask again later, so the last NaN of a burst still gets its marker.
+            seen = {**seen, "nonfinite_pending": True} if rebuild is no_update else {**asked, "nonfinite_pending": 0}
+            return ext or no_update, seen, header(run), rebuild
         if ext is None:
             return no_update, no_update, header(run), no_update
-        return ext, {**seen, "last": last}, header(run), no_update
+        return ext, seen, header(run), no_update
+
+
+REASK_S = 5.0  # a redraw asked for that has not come (it failed, or was dropped) is asked again
 
 
 def _redraw_once(seen: dict[str, Any], reason: str, run: dict[str, Any]) -> Any:
-    """Ask for one redraw per reason: asking again while it runs would cancel it."""
-    if seen.get("asked") == reason:
+    """Ask for a redraw once per reason, and again only after REASK_S: asking while one runs
+    would cancel it, and a NaN logged every step must not redraw every second."""
+    now = time.time()
+    if seen.get("asked") == reason and now - float(seen.get("asked_at", 0)) < REASK_S:
         return no_update, no_update, header(run), no_update
-    return no_update, {**seen, "asked": reason}, header(run), reason
+    return no_update, {**seen, "asked": reason, "asked_at": now}, header(run), f"{reason}@{now}"

@@ -44,6 +44,7 @@ def test_pages_need_a_session_and_callbacks_get_a_json_401(secured: tuple[Server
         callback = http.post("/_dash-update-component", json={})
         assert callback.status_code == 401 and callback.json()["error"]["code"] == "unauthorized"
         assert http.get("/login").status_code == 200
+        assert http.get("/loginX").status_code == 302  # open paths match exactly
         # The API keeps its own errors: never the dashboard's HTML.
         missing = http.get("/api/v1/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
@@ -92,7 +93,9 @@ def test_login_sets_a_signed_http_only_cookie_and_logout_ends_it(
         assert http.get("/").status_code == 302
 
 
-@pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "javascript:alert(1)", "runs/1"])
+@pytest.mark.parametrize(
+    "target", ["//evil.example/x", "https://evil.example/", "javascript:alert(1)", "runs/1", "/\\evil.example"]
+)
 def test_login_never_redirects_off_site(secured: tuple[ServerProcess, dict[str, str]], target: str) -> None:
     server, tokens = secured
     with client(server.url) as http:
