@@ -130,12 +130,29 @@ def _device(x: torch.Tensor, bins: int) -> Summary:
     width = torch.where(has_range, hi - lo, 1.0).clamp_(max=torch.finfo(torch.float32).max)
     lo = torch.where(has_range, lo, lo - 0.5)
     scale = bins / width
+    count = _count_scatter if torch.are_deterministic_algorithms_enabled() else _count_histc
     counts = torch.zeros(bins + 3, dtype=torch.int64, device=x.device)
-    one = torch.ones((), dtype=torch.int64, device=x.device)
     for raw in chunks:
         chunk = raw.float()
-        index = ((chunk - lo) * scale).nan_to_num_(0.0, bins - 1.0, 0.0).to(torch.int64).clamp_(0, bins - 1)
-        special = torch.where(torch.isnan(chunk), bins, torch.where(chunk > 0, bins + 1, bins + 2))
-        index = torch.where(torch.isfinite(chunk), index, special)
-        counts.scatter_add_(0, index, one.expand(index.numel()))
+        position = ((chunk - lo) * scale).floor_().clamp_(0, bins - 1)  # the bin, as a float; NaN stays NaN
+        count(counts, chunk, position, bins)
     return Summary(counts, torch.stack([lo, width]).float())
+
+
+def _count_histc(counts: torch.Tensor, chunk: torch.Tensor, position: torch.Tensor, bins: int) -> None:
+    """``histc`` over the bin positions with a fixed range: shared-memory counters on CUDA
+    (an order of magnitude faster than scatter_add_'s atomics on one small array) and no
+    range read back. A position is a whole number: + 0.5 puts it mid-bin, away from any
+    rounding at an edge; non-finite elements move out of the range and are counted apart."""
+    position.add_(0.5).masked_fill_(~torch.isfinite(chunk), -1.0)
+    counts[:bins] += torch.histc(position, bins, 0, bins).to(torch.int64)  # float32 is exact: chunks <= 2**24
+    counts[bins:] += torch.stack([chunk.isnan().sum(), chunk.isposinf().sum(), chunk.isneginf().sum()])
+
+
+def _count_scatter(counts: torch.Tensor, chunk: torch.Tensor, position: torch.Tensor, bins: int) -> None:
+    """The same counts by ``scatter_add_``, which has a deterministic implementation (``histc``
+    on CUDA has none: it would raise under ``torch.use_deterministic_algorithms(True)``)."""
+    index = position.nan_to_num_(0.0).to(torch.int64)
+    special = torch.where(torch.isnan(chunk), bins, torch.where(chunk > 0, bins + 1, bins + 2))
+    index = torch.where(torch.isfinite(chunk), index, special)
+    counts.scatter_add_(0, index, torch.ones((), dtype=torch.int64, device=chunk.device).expand(index.numel()))

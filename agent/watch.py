@@ -404,7 +404,10 @@ class Watcher:
         pick = self._ratio_index.get(i)
         if pick is None or pick.device != p.device:
             gen = torch.Generator().manual_seed(i)
-            pick = torch.randint(p.numel(), (UPDATE_SAMPLE,), generator=gen).to(p.device)
+            pick = torch.randint(p.numel(), (UPDATE_SAMPLE,), generator=gen)
+            if p.device.type == "cuda":  # a copy from pageable memory would synchronise (seen on an H200)
+                pick = pick.pin_memory()
+            pick = pick.to(p.device, non_blocking=True)
             self._ratio_index[i] = pick
         return pick
 

@@ -91,3 +91,22 @@ def test_chunked_passes_match_a_single_pass(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(histogram, "DEVICE_CHUNK", 999)
     monkeypatch.setattr(histogram, "CHUNK", 999)
     assert _device(x, BINS).counts.tolist() == whole.counts.tolist() == _host(x, BINS).counts.tolist()
+
+
+def test_the_deterministic_path_counts_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trimtab.histogram as histogram
+
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(4)) * 3
+    x[5], x[6], x[7], x[8] = math.nan, math.inf, -math.inf, math.inf
+    fast = _device(x, 50).counts.tolist()  # 50 bins: edges that are not powers of two
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    calls: list[int] = []
+    scatter = histogram._count_scatter
+
+    def counted(*args: torch.Tensor | int) -> None:
+        calls.append(1)
+        scatter(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(histogram, "_count_scatter", counted)
+    assert _device(x, 50).counts.tolist() == fast and calls
+    assert fast[50:] == [1, 2, 1] and sum(fast) == x.numel()
