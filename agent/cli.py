@@ -99,8 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve(settings)
     if args.command == "db":
-        from trimtab.server import migrate
-        from trimtab.server.engine import make_engine
+        from trimtab.server.db import migrate
+        from trimtab.server.db.engine import make_engine
 
         if args.db_command == "upgrade":
             migrate.upgrade(settings.database_url)
@@ -114,9 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "token":
         from trimtab.errors import TrimtabError
-        from trimtab.server import migrate
-        from trimtab.server.engine import make_engine
-        from trimtab.server.store import Store
+        from trimtab.server.db import migrate
+        from trimtab.server.db.engine import make_engine
+        from trimtab.server.db.store import Store
         from trimtab.server.tokens import create_token, list_tokens, parse_scopes, revoke_token
 
         engine = make_engine(settings.database_url)

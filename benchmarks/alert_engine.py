@@ -21,12 +21,12 @@ from pathlib import Path
 
 from trimtab.detectors import DEFAULT_RULES, RuleEvaluator
 from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries
-from trimtab.server import migrate
-from trimtab.server.alert_slots import EngineStats, Op, Slot, feed_point
-from trimtab.server.alerts import AlertEngine
-from trimtab.server.engine import make_engine
+from trimtab.server.alerts.engine import AlertEngine
+from trimtab.server.alerts.slots import EngineStats, Op, Slot, feed_point
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 from trimtab.server.ingest import IngestWriter
-from trimtab.server.store import Store
 
 
 def evaluation_us_per_point(n: int = 200_000) -> dict[str, float]:

@@ -257,7 +257,7 @@ def raw_rows(n_rows: int, n_series: int, keys_per_series: int) -> Any:
 def create_raw_table(sqlalchemy_url: str) -> None:
     from sqlalchemy import create_engine
 
-    from trimtab.server.tables import scalar_points
+    from trimtab.server.db.tables import scalar_points
 
     engine = create_engine(sqlalchemy_url)
     try:
@@ -680,7 +680,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM cleans up like Ctrl-C
     try:
-        import trimtab.server.tables  # noqa: F401
+        import trimtab.server.db.tables  # noqa: F401
     except ImportError as exc:
         print(f"cannot import trimtab with its server extra ({exc}); run with the venv's python", file=sys.stderr)
         return 2

@@ -86,11 +86,12 @@ def bench(name: str, db_url: str, n: int, repeats: int) -> list[tuple[str, float
     from trimtab.dashboard import figures
     from trimtab.dashboard.client import Series
     from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries, float_from_json
-    from trimtab.server import api, migrate
+    from trimtab.server.api import runs as api
+    from trimtab.server.db import migrate
+    from trimtab.server.db.engine import make_engine
+    from trimtab.server.db.store import Store
     from trimtab.server.downsample import select_indices
-    from trimtab.server.engine import make_engine
     from trimtab.server.ingest import STORED, IngestWriter
-    from trimtab.server.store import Store
 
     migrate.upgrade(db_url)
     engine = make_engine(db_url)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from trimtab.server.engine import make_engine
-from trimtab.server.tables import metadata
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.tables import metadata
 
 config = context.config
 

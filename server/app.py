@@ -13,24 +13,24 @@ from starlette.types import Receive, Scope, Send
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import WS_PATH
-from trimtab.server import migrate
-from trimtab.server.agent_socket import agent_socket
-from trimtab.server.alerts import AlertEngine
-from trimtab.server.alerts_api import router as alerts_router
-from trimtab.server.api import router
+from trimtab.server.alerts.delivery import DeliveryWorker
+from trimtab.server.alerts.engine import AlertEngine
+from trimtab.server.api.agent_socket import agent_socket
+from trimtab.server.api.alerts import router as alerts_router
+from trimtab.server.api.autopilot import router as autopilot_router
+from trimtab.server.api.commands import router as commands_router
+from trimtab.server.api.errors import error_response, install_error_handlers
+from trimtab.server.api.identity import router as identity_router
+from trimtab.server.api.runs import router
+from trimtab.server.api.sinks import router as sinks_router
 from trimtab.server.auth import Authenticator
-from trimtab.server.autopilot_api import router as autopilot_router
-from trimtab.server.command_hub import CommandHub
-from trimtab.server.commands_api import router as commands_router
+from trimtab.server.commands.hub import CommandHub
 from trimtab.server.context import ServerContext
-from trimtab.server.delivery import DeliveryWorker
-from trimtab.server.engine import make_engine
-from trimtab.server.errors import error_response, install_error_handlers
-from trimtab.server.identity_api import router as identity_router
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
-from trimtab.server.sinks_api import router as sinks_router
-from trimtab.server.store import Store
 from trimtab.version import __version__
 
 logger = logging.getLogger("trimtab.server")

@@ -6,7 +6,7 @@ import threading
 import time
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server.store import Store
+from trimtab.server.db.store import Store
 from trimtab.server.tokens import ANONYMOUS_ADMIN, Principal, verify_token
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trimtab.server.alerts import AlertEngine
+from trimtab.server.alerts.delivery import DeliveryWorker
+from trimtab.server.alerts.engine import AlertEngine
 from trimtab.server.auth import Authenticator
-from trimtab.server.command_hub import CommandHub
-from trimtab.server.delivery import DeliveryWorker
+from trimtab.server.commands.hub import CommandHub
+from trimtab.server.db.store import Store
 from trimtab.server.ingest import IngestWriter
 from trimtab.server.settings import Settings
-from trimtab.server.store import Store
 
 
 @dataclass

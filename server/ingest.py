@@ -25,10 +25,10 @@ from sqlalchemy import Connection, case, insert, select, update
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, ProtocolError, pack_f64, pack_i64
-from trimtab.server import rollups
-from trimtab.server.db_errors import is_data_error
-from trimtab.server.store import Store
-from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, runs
+from trimtab.server.db import rollups
+from trimtab.server.db.errors import is_data_error
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import events, histograms, ingested_seqs, metric_keys, runs
 
 logger = logging.getLogger("trimtab.server")
 

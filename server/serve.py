@@ -8,9 +8,9 @@ import sys
 import uvicorn
 
 from trimtab.errors import TrimtabError
-from trimtab.server import migrate
 from trimtab.server.app import create_app
-from trimtab.server.engine import make_engine
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
 from trimtab.server.settings import Settings
 
 logger = logging.getLogger("trimtab.server")

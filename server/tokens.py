@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from sqlalchemy import insert, select, update
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server.store import Store
-from trimtab.server.tables import api_tokens
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import api_tokens
 
 SCOPES = ("ingest", "read", "control", "admin")
 TOKEN_PREFIX = "tt_"

@@ -56,7 +56,7 @@ def _postgres_database() -> Iterator[str]:
 
 @pytest.fixture
 def migrated_db(db_url: str) -> str:
-    from trimtab.server import migrate
+    from trimtab.server.db import migrate
 
     migrate.upgrade(db_url)
     return db_url

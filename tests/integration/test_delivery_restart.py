@@ -12,8 +12,8 @@ import pytest
 from tests.helpers import ServerProcess, wait_until
 from tests.server.outbox_rows import add_sink, deliveries, queue, seed_alert
 from tests.server.receiver import HANG, OK, receiver
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 
 FAST_RETRIES = {
     "TRIMTAB_DELIVERY_BACKOFF_BASE_S": "0.1",

@@ -51,7 +51,7 @@ def test_server_killed_mid_stream_loses_and_duplicates_nothing(server: ServerPro
 
 
 def test_server_down_when_the_agent_starts(db_url: str, tmp_path: Path) -> None:
-    from trimtab.server import migrate
+    from trimtab.server.db import migrate
 
     migrate.upgrade(db_url)
     server = ServerProcess(db_url, tmp_path / "server.log")
@@ -68,7 +68,7 @@ def test_server_down_when_the_agent_starts(db_url: str, tmp_path: Path) -> None:
 
 
 def test_killed_agent_spool_is_replayed_by_the_next_process(db_url: str, tmp_path: Path) -> None:
-    from trimtab.server import migrate
+    from trimtab.server.db import migrate
 
     migrate.upgrade(db_url)
     server = ServerProcess(db_url, tmp_path / "server.log")

@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from trimtab.server import outbox
-from trimtab.server.sinks import SinkStore
-from trimtab.server.store import Store
-from trimtab.server.tables import alert_deliveries, alerts, projects, runs
+from trimtab.server.alerts import outbox
+from trimtab.server.alerts.sinks import SinkStore
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alert_deliveries, alerts, projects, runs
 
 SECRET = "whsec_test_secret_0123456789"
 

@@ -14,9 +14,9 @@ from sqlalchemy import update
 
 from tests.helpers import wait_until
 from tests.server.test_alert_engine import Rig, add_sink, deliveries
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
-from trimtab.server.tables import alerts, runs
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alerts, runs
 
 
 def _status(rig: Rig, run_id: int) -> tuple[str, str | None]:

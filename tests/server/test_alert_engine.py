@@ -16,14 +16,14 @@ from sqlalchemy import delete, insert, select
 from tests.helpers import wait_until
 from trimtab.detectors import parse_rule
 from trimtab.protocol import Batch, Event, Hello, RunRef, ScalarSeries
-from trimtab.server import alert_store
-from trimtab.server.alert_rules import RuleStore
-from trimtab.server.alert_store import AlertFilter
-from trimtab.server.alerts import AlertEngine
-from trimtab.server.engine import make_engine
+from trimtab.server.alerts import store as alert_store
+from trimtab.server.alerts.engine import AlertEngine
+from trimtab.server.alerts.rules import RuleStore
+from trimtab.server.alerts.store import AlertFilter
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alert_deliveries, detector_states, runs, sinks
 from trimtab.server.ingest import IngestWriter
-from trimtab.server.store import Store
-from trimtab.server.tables import alert_deliveries, detector_states, runs, sinks
 
 BASE_URL = "http://trimtab.test:8000"
 LOGITS = {"name": "logits", "key": "attn/max_logit", "detector": "threshold", "params": {"op": ">", "limit": 100.0}}

@@ -16,10 +16,10 @@ import pytest
 from tests.server.test_alert_engine import BASE_URL, LOGITS, Rig, _project_id, add_sink, deliveries, steady
 from trimtab.detectors import parse_rule
 from trimtab.protocol import Batch, Event, Histogram, ScalarSeries
-from trimtab.server.alert_rules import RuleStore
-from trimtab.server.alerts import AlertEngine
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
+from trimtab.server.alerts.engine import AlertEngine
+from trimtab.server.alerts.rules import RuleStore
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from tests.server.test_alert_engine import Rig, add_sink, batch, deliveries, steady
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
-from trimtab.server.tables import detector_states
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import detector_states
 
 
 class Replicas:

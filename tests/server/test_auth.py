@@ -14,8 +14,8 @@ from websockets.sync.client import connect
 import trimtab
 from tests.helpers import ServerProcess, api_status, free_port, recv_frame, run_cli, wait_until
 from trimtab import protocol
-from trimtab.server.engine import make_engine
-from trimtab.server.tables import api_tokens
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.tables import api_tokens
 
 
 def _token(db_url: str, scopes: str) -> str:

@@ -17,9 +17,9 @@ import pytest
 from tests.helpers import ServerProcess, recv_frame
 from tests.server.wire import WireAgent
 from trimtab.autopilot import AutopilotOptions
-from trimtab.server.command_kinds import AUTOPILOT_OPTIONS, autopilot_problem
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
+from trimtab.server.commands.kinds import AUTOPILOT_OPTIONS, autopilot_problem
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 from trimtab.server.tokens import create_token
 
 ANON = "anonymous (auth disabled)"

@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from trimtab.server import migrate
-from trimtab.server.engine import make_engine
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
 
 POLICY = (
     "INSERT INTO autopilot_policies (project_id, run_id, policy, updated_at, updated_by)"

@@ -18,8 +18,8 @@ from websockets.sync.client import connect
 from tests.helpers import ServerProcess, recv_frame
 from tests.server.wire import WireAgent
 from trimtab import protocol
-from trimtab.server.engine import make_engine
-from trimtab.server.store import Store
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 from trimtab.server.tokens import create_token
 
 

@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
-from trimtab.server import migrate
-from trimtab.server.engine import make_engine
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
 
 COMMAND = (
     "INSERT INTO commands (id, run_id, kind, args, status, source, created_by, created_at, expires_at, ranks)"

@@ -15,12 +15,12 @@ from tests.helpers import free_port, wait_until
 from tests.server.outbox_rows import SECRET, add_sink, deliveries, queue, seed_alert
 from tests.server.receiver import GARBAGE, HANG, OK, receiver
 from trimtab import webhooks
-from trimtab.server import outbox
-from trimtab.server.delivery import DeliveryWorker
-from trimtab.server.engine import make_engine
+from trimtab.server.alerts import outbox
+from trimtab.server.alerts.delivery import DeliveryWorker
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alert_deliveries
 from trimtab.server.settings import Settings
-from trimtab.server.store import Store
-from trimtab.server.tables import alert_deliveries
 
 FAST = {
     "delivery_timeout_s": 5.0,

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from trimtab import webhooks
-from trimtab.server.notify import format_number, sample_alert, slack_message, webhook_body, webhook_request
+from trimtab.server.alerts.messages import format_number, sample_alert, slack_message, webhook_body, webhook_request
 
 
 def _alert(**changes: Any) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from trimtab.protocol import Batch, Event, Hello, Histogram, RunRef, ScalarSeries
-from trimtab.server.engine import make_engine
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.store import Store
 from trimtab.server.ingest import DUPLICATE, STORED, IngestWriter
-from trimtab.server.store import Store
 
 VALUES = [1.0, math.nan, math.inf, -math.inf, 5e-324, 1 / 3, -1e308, 1.7976931348623157e308]
 

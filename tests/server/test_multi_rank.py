@@ -6,7 +6,7 @@ from __future__ import annotations
 from tests.helpers import ServerProcess
 from tests.server.wire import WireAgent, histogram, scalars
 from trimtab import protocol
-from trimtab.server.store import merge_drops
+from trimtab.server.db.store import merge_drops
 
 
 def test_ranks_logging_the_same_key_get_separate_series(server: ServerProcess) -> None:

@@ -14,11 +14,11 @@ import pytest
 from sqlalchemy import text
 
 from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries
-from trimtab.server import migrate
-from trimtab.server.engine import make_engine
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.rollups import COLUMNS, LEVELS
+from trimtab.server.db.store import Store
 from trimtab.server.ingest import STORED, IngestWriter
-from trimtab.server.rollups import COLUMNS, LEVELS
-from trimtab.server.store import Store
 
 Point = tuple[int, float, float]  # step, wall, value
 

@@ -10,9 +10,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from tests.helpers import free_port, run_cli
-from trimtab.server import migrate
-from trimtab.server.engine import make_engine
-from trimtab.server.tables import metadata
+from trimtab.server.db import migrate
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.tables import metadata
 
 
 def test_migrated_schema_matches_the_models(migrated_db: str) -> None:

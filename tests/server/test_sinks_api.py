@@ -15,9 +15,9 @@ from sqlalchemy import delete, text
 from tests.helpers import ServerProcess, free_port, run_cli
 from tests.server.receiver import receiver
 from trimtab import webhooks
-from trimtab.server.engine import make_engine
-from trimtab.server.sinks import NAME_LIMIT
-from trimtab.server.tables import sinks
+from trimtab.server.alerts.sinks import NAME_LIMIT
+from trimtab.server.db.engine import make_engine
+from trimtab.server.db.tables import sinks
 
 SINKS = "/api/v1/sinks"
 

@@ -18,8 +18,8 @@ from sqlalchemy.exc import IntegrityError
 
 from trimtab.detectors import DEFAULT_RULES, RuleError, RuleSpec, parse_rule
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server.store import Store
-from trimtab.server.tables import alert_rules, projects, runs
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alert_rules, projects, runs
 
 logger = logging.getLogger("trimtab.server")
 

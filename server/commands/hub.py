@@ -24,9 +24,9 @@ from typing import Protocol
 from starlette.concurrency import run_in_threadpool
 
 from trimtab.errors import TrimtabError
-from trimtab.server import commands as db
-from trimtab.server.commands import Command
-from trimtab.server.store import Store
+from trimtab.server.commands import store as db
+from trimtab.server.commands.store import Command
+from trimtab.server.db.store import Store
 
 logger = logging.getLogger("trimtab.server")
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.server import commands as db
-from trimtab.server.api import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
-from trimtab.server.command_kinds import parse_request
+from trimtab.server.api.runs import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
+from trimtab.server.commands import store as db
+from trimtab.server.commands.kinds import parse_request
 from trimtab.server.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", responses={**ERRORS, 409: {"model": ErrorResponse}}, tags=["commands"])

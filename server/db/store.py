@@ -23,9 +23,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Hello, unpack_array
-from trimtab.server.engine import is_sqlite
-from trimtab.server.scalar_view import ScalarView, read_view
-from trimtab.server.tables import events, histograms, ingested_seqs, metric_keys, projects, runs, scalar_points
+from trimtab.server.db.engine import is_sqlite
+from trimtab.server.db.scalar_view import ScalarView, read_view
+from trimtab.server.db.tables import events, histograms, ingested_seqs, metric_keys, projects, runs, scalar_points
 
 logger = logging.getLogger("trimtab.server")
 

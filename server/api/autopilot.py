@@ -10,10 +10,10 @@ from fastapi import APIRouter, Body, Path
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.server import autopilot_policies as policies
-from trimtab.server.api import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
-from trimtab.server.autopilot_policies import PolicyView, check_policy
-from trimtab.server.commands_api import CommandOut
+from trimtab.server.api.commands import CommandOut
+from trimtab.server.api.runs import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
+from trimtab.server.commands import policies
+from trimtab.server.commands.policies import PolicyView, check_policy
 from trimtab.server.context import ServerContext
 from trimtab.server.tokens import Principal
 

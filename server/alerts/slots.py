@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trimtab.detectors import CRITICAL, WARNING, Finding, RuleEvaluator, RuleSpec
-from trimtab.server.alert_store import QUIET, RULE_REMOVED, OpenAlert
+from trimtab.server.alerts.store import QUIET, RULE_REMOVED, OpenAlert
 
 NO_STEP = -(2**63)  # detector_states.step of a slot that has seen nothing of its key
 

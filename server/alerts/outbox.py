@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
-from trimtab.server.notify import json_safe
-from trimtab.server.tables import alert_deliveries, alerts, sinks
+from trimtab.server.alerts.messages import json_safe
+from trimtab.server.db.tables import alert_deliveries, alerts, sinks
 
 PENDING = "pending"
 DELIVERED = "delivered"

@@ -24,11 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select, update
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server import commands
-from trimtab.server.command_kinds import AUTOPILOT_ENABLED, DEFAULT_EXPIRES_IN_S, CommandRequest, autopilot_problem
-from trimtab.server.commands import Command
-from trimtab.server.store import Store
-from trimtab.server.tables import autopilot_policies, projects, runs
+from trimtab.server.commands import store as commands
+from trimtab.server.commands.kinds import AUTOPILOT_ENABLED, DEFAULT_EXPIRES_IN_S, CommandRequest, autopilot_problem
+from trimtab.server.commands.store import Command
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import autopilot_policies, projects, runs
 
 RUN, PROJECT, NONE = "run", "project", "none"
 KIND = "set_autopilot"

@@ -21,8 +21,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from trimtab.detectors import Finding
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import float_from_json, float_to_json
-from trimtab.server.notify import json_safe
-from trimtab.server.tables import alerts, detector_states, metric_keys, projects, runs, scalar_points
+from trimtab.server.alerts.messages import json_safe
+from trimtab.server.db.tables import alerts, detector_states, metric_keys, projects, runs, scalar_points
 
 FIRING, RESOLVED = "firing", "resolved"
 TEXT_LIMIT = 1024  # alerts.message and alerts.remedy

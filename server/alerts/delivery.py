@@ -24,12 +24,13 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from trimtab.server import notify, outbox
-from trimtab.server.outbox import Claimed
+from trimtab.server.alerts import messages as notify
+from trimtab.server.alerts import outbox
+from trimtab.server.alerts.outbox import Claimed
+from trimtab.server.db.store import Store
 from trimtab.server.settings import Settings
-from trimtab.server.store import Store
 
-logger = logging.getLogger("trimtab.server.delivery")
+logger = logging.getLogger("trimtab.server.alerts.delivery")
 
 ERROR_BODY_BYTES = 300  # of a failed answer's body kept in last_error
 STOP_GRACE_S = 3.0  # in-flight sends may finish this long at shutdown, then are released

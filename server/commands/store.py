@@ -24,9 +24,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import INT64_MAX, INT64_MIN, CmdResult, float_to_json
-from trimtab.server.command_kinds import CommandRequest
-from trimtab.server.store import Store
-from trimtab.server.tables import commands, runs
+from trimtab.server.commands.kinds import CommandRequest
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import commands, runs
 
 logger = logging.getLogger("trimtab.server")
 

@@ -23,8 +23,9 @@ from starlette.concurrency import run_in_threadpool
 from trimtab import protocol
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.protocol import Batch, Bye, CmdResult, Heartbeat, Hello, ProtocolError
-from trimtab.server import autopilot_policies, commands
-from trimtab.server.commands import Command
+from trimtab.server.commands import policies as autopilot_policies
+from trimtab.server.commands import store as commands
+from trimtab.server.commands.store import Command
 from trimtab.server.context import ServerContext
 
 logger = logging.getLogger("trimtab.server")

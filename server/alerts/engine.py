@@ -42,12 +42,12 @@ from sqlalchemy import Connection, select
 
 from trimtab.detectors import CRITICAL, WARNING, RuleEvaluator, RuleSpec
 from trimtab.protocol import Batch, Event, ScalarSeries
-from trimtab.server import alert_store as db
-from trimtab.server import outbox
-from trimtab.server.alert_rules import effective
-from trimtab.server.alert_slots import EngineStats, Op, RunState, Slot, feed_point
-from trimtab.server.store import Store
-from trimtab.server.tables import runs
+from trimtab.server.alerts import outbox
+from trimtab.server.alerts import store as db
+from trimtab.server.alerts.rules import effective
+from trimtab.server.alerts.slots import EngineStats, Op, RunState, Slot, feed_point
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import runs
 
 logger = logging.getLogger("trimtab.server")
 

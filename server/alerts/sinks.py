@@ -16,8 +16,8 @@ import httpx
 from sqlalchemy import Connection, delete, func, insert, select
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server.store import Store
-from trimtab.server.tables import alert_deliveries, projects, sinks
+from trimtab.server.db.store import Store
+from trimtab.server.db.tables import alert_deliveries, projects, sinks
 
 KINDS = ("slack", "webhook")
 SECRET_PREFIX = "whsec_"

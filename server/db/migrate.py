@@ -12,7 +12,7 @@ from sqlalchemy import Engine
 
 import trimtab.migrations
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.server.engine import make_engine, normalize_url
+from trimtab.server.db.engine import make_engine, normalize_url
 
 
 def alembic_config(url: str) -> Config:

@@ -19,8 +19,8 @@ from typing import Any
 
 from sqlalchemy import Connection, func, select, union_all
 
-from trimtab.server.rollups import COLUMNS, FINEST, LEVELS, Agg, summarise
-from trimtab.server.tables import scalar_points, scalar_rollups
+from trimtab.server.db.rollups import COLUMNS, FINEST, LEVELS, Agg, summarise
+from trimtab.server.db.tables import scalar_points, scalar_rollups
 
 # Buckets narrower than 2**FINEST steps are built from raw points only up to this many (about
 # 50 ms of reading); past it the view uses the finest stored level instead.

@@ -11,10 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.concurrency import run_in_threadpool
 
 from trimtab.protocol import INT64_MAX
-from trimtab.server import notify
-from trimtab.server.api import ERRORS, Ctx, NoNul, _iso, require
-from trimtab.server.delivery import build_request, make_client, send
-from trimtab.server.sinks import MIN_SECRET_CHARS, NAME_LIMIT, SinkStore, check_url, new_secret
+from trimtab.server.alerts import messages as notify
+from trimtab.server.alerts.delivery import build_request, make_client, send
+from trimtab.server.alerts.sinks import MIN_SECRET_CHARS, NAME_LIMIT, SinkStore, check_url, new_secret
+from trimtab.server.api.runs import ERRORS, Ctx, NoNul, _iso, require
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["sinks"])
 

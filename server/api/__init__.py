@@ -1,0 +1,1 @@
+"""REST and websocket handlers: parse, authorise, delegate."""

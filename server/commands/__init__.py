@@ -1,0 +1,1 @@
+"""Commands to running trainers: kinds and validation, storage, live delivery, autopilot policies."""
