@@ -1,5 +1,7 @@
-"""The ``trimtab`` command. Server commands import the server lazily, so the agent-only
-install still has a working ``trimtab --help`` and a clear message for the rest."""
+"""The ``trimtab`` command: its argument parser, and a dispatcher to the server's and the
+dashboard's commands (``trimtab.server.cli``, ``trimtab.dashboard.serve``), imported only
+when run, so the agent-only install still has a working ``trimtab --help`` and a clear
+message for the rest."""
 
 from __future__ import annotations
 
@@ -65,81 +67,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from trimtab.server.settings import Settings
+    try:  # the only place the agent package reaches into the server and the dashboard
+        if args.command == "dashboard":
+            from trimtab.dashboard.serve import run_command
+        else:
+            from trimtab.server.cli import run_command
     except ImportError:
         print(f"trimtab: {_NEEDS_SERVER}", file=sys.stderr)
         return 2
-    if args.command == "dashboard":
-        import os
-
-        try:
-            from trimtab.dashboard.serve import serve_dashboard
-        except ImportError:
-            print(f"trimtab: {_NEEDS_SERVER}", file=sys.stderr)
-            return 2
-        secret = args.session_secret or os.environ.get("TRIMTAB_SESSION_SECRET")
-        return serve_dashboard(args.api_url, args.host, args.port, secret)
-    overrides = {
-        "db_url": args.db,
-        "data_dir": args.data_dir,
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-    }
-    if getattr(args, "no_auth", False):
-        overrides["auth"] = False
-    if getattr(args, "auto_upgrade", False):
-        overrides["auto_upgrade"] = True
-    if getattr(args, "no_dashboard", False):
-        overrides["dashboard"] = False
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-    if args.command == "server":
-        from trimtab.server.serve import serve
-
-        return serve(settings)
-    if args.command == "db":
-        from trimtab.server.db import migrate
-        from trimtab.server.db.engine import make_engine
-
-        if args.db_command == "upgrade":
-            migrate.upgrade(settings.database_url)
-            print(f"trimtab: database at revision {migrate.head_revision()}")
-            return 0
-        engine = make_engine(settings.database_url)
-        try:
-            print(migrate.current_revision(engine) or "(empty: run `trimtab db upgrade`)")
-        finally:
-            engine.dispose()
-        return 0
-    if args.command == "token":
-        from trimtab.errors import TrimtabError
-        from trimtab.server.db import migrate
-        from trimtab.server.db.engine import make_engine
-        from trimtab.server.db.store import Store
-        from trimtab.server.tokens import create_token, list_tokens, parse_scopes, revoke_token
-
-        engine = make_engine(settings.database_url)
-        try:
-            migrate.check_schema(engine, settings.database_url)
-            store = Store(engine)
-            if args.token_command == "create":
-                print(create_token(store, args.name, parse_scopes(args.scopes)))
-            elif args.token_command == "revoke":
-                revoke_token(store, args.id)
-                print(f"trimtab: token {args.id} revoked")
-            else:
-                print(f"{'id':>4}  {'name':<20} {'prefix':<12} {'scopes':<28} state")
-                for t in list_tokens(store):
-                    state = "revoked" if t["revoked_at"] else "active"
-                    print(f"{t['id']:>4}  {t['name']:<20} {t['prefix']:<12} {t['scopes']:<28} {state}")
-        except TrimtabError as exc:
-            print(f"trimtab: {exc.message}", file=sys.stderr)
-            return 2
-        finally:
-            engine.dispose()
-        return 0
-    return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

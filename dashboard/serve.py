@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import sys
 
 import httpx
 import uvicorn
 from a2wsgi import WSGIMiddleware
 
+from trimtab.addresses import is_loopback
 from trimtab.dashboard.app import create_dash
 from trimtab.dashboard.session import new_secret
 
@@ -27,8 +30,6 @@ def api_auth(api_url: str) -> bool:
 
 
 def serve_dashboard(api_url: str, host: str, port: int, secret: str | None) -> int:
-    from trimtab.server.settings import is_loopback
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     auth = api_auth(api_url)
@@ -43,3 +44,9 @@ def serve_dashboard(api_url: str, host: str, port: int, secret: str | None) -> i
     print(f"trimtab dashboard on http://{host}:{port} reading {api_url} (login {'on' if auth else 'off'})", flush=True)
     uvicorn.run(WSGIMiddleware(app.server), host=host, port=port, log_level="info", access_log=False)  # type: ignore[arg-type]
     return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``trimtab dashboard`` with its parsed arguments; the exit status."""
+    secret = args.session_secret or os.environ.get("TRIMTAB_SESSION_SECRET")
+    return serve_dashboard(args.api_url, args.host, args.port, secret)

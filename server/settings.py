@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from trimtab.addresses import is_loopback
 from trimtab.protocol import MAX_FRAME_BYTES
 
 
@@ -92,12 +92,3 @@ class Settings(BaseSettings):
                 f"refusing to start: --no-auth is allowed only on a loopback address, not {self.host!r}. "
                 "Create a token with `trimtab token create --scopes ingest,read,control` instead."
             )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -6,7 +6,8 @@ numpy), stateful and serialisable, shared by the server's alert engine and the a
 - ``defaults``: the shipped rules and remedy hints.
 """
 
-from trimtab.detectors.defaults import DEFAULT_RULES, remedy_for
+from trimtab.detectors.defaults import DEFAULT_RULES
+from trimtab.detectors.remedies import remedy_for
 from trimtab.detectors.rules import (
     ConfirmSpec,
     RuleError,

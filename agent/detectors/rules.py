@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from trimtab.detectors.remedies import remedy_for
 from trimtab.detectors.series import CRITICAL, WARNING, Detector, Finding
 
 MAX_KEY_LENGTH = 256
@@ -205,8 +206,6 @@ def parse_rule(body: Mapping[str, Any]) -> RuleSpec:
         raise RuleError(f"enabled: must be true or false, got {json.dumps(enabled)}")
     remedy = body.get("remedy")
     if remedy is None:
-        from trimtab.detectors.defaults import remedy_for
-
         remedy = remedy_for(kind, key)
     elif not isinstance(remedy, str) or len(remedy) > MAX_REMEDY_LENGTH or _has_control(remedy, "\n"):
         raise RuleError(

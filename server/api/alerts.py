@@ -15,7 +15,7 @@ from trimtab.protocol import INT32_MAX, INT64_MAX
 from trimtab.server.alerts import store as alert_store
 from trimtab.server.alerts.rules import RuleStore, Scope, SourcedRule, check_body
 from trimtab.server.alerts.store import FIRING, RESOLVED, AlertFilter
-from trimtab.server.api.runs import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
+from trimtab.server.api.deps import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
 from trimtab.server.context import ServerContext
 
 router = APIRouter(prefix="/api/v1", responses={**ERRORS, 409: {"model": ErrorResponse}}, tags=["alerts"])

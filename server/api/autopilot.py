@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from trimtab.server.api.commands import CommandOut
-from trimtab.server.api.runs import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
+from trimtab.server.api.deps import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
 from trimtab.server.commands import policies
 from trimtab.server.commands.policies import PolicyView, check_policy
 from trimtab.server.context import ServerContext

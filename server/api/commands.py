@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.server.api.runs import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
+from trimtab.server.api.deps import ERRORS, Ctx, ErrorResponse, NoNul, RunId, require
 from trimtab.server.commands import store as db
 from trimtab.server.commands.kinds import parse_request
 from trimtab.server.tokens import Principal

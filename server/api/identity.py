@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from trimtab.server.api.runs import ERRORS, Ctx, require
+from trimtab.server.api.deps import ERRORS, Ctx, require
 from trimtab.server.tokens import Principal
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["auth"])

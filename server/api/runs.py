@@ -1,19 +1,17 @@
-"""REST ``/api/v1``: thin handlers that parse, authorise and delegate to the store."""
+"""REST ``/api/v1`` over runs and their data: runs, keys, scalars, histograms, events."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.protocol import INT32_MAX, INT64_MAX, INT64_MIN, float_to_json
+from trimtab.protocol import INT32_MAX, INT64_MAX, float_to_json
+from trimtab.server.api.deps import ERRORS, Ctx, Key, NoNul, Rank, RunId, Step, iso, json_bytes, require
 from trimtab.server.context import ServerContext
-from trimtab.server.tokens import Principal
 
 DEFAULT_MAX_POINTS = 10_000
 MAX_MAX_POINTS = 2_000_000
@@ -21,31 +19,7 @@ DEFAULT_ROWS = 1000  # histograms and events per response
 MAX_ROWS = 10_000
 
 
-def context(request: Request) -> ServerContext:
-    ctx: ServerContext = request.app.state.trimtab
-    return ctx
-
-
-Ctx = Annotated[ServerContext, Depends(context)]
-
-
-def require(scope: str) -> Any:
-    async def dependency(request: Request, ctx: Ctx) -> Principal:
-        return await run_in_threadpool(ctx.auth.authenticate, request.headers.get("authorization"), scope)
-
-    return Depends(dependency)
-
-
 # ---------------------------------------------------------------- response models (for /docs)
-
-
-class ErrorBody(BaseModel):
-    code: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
 
 
 class RunOut(BaseModel):
@@ -117,28 +91,16 @@ class EventOut(BaseModel):
     data: dict[str, Any]
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse},
-    403: {"model": ErrorResponse},
-    404: {"model": ErrorResponse},
-    422: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},
-}
-
 router = APIRouter(prefix="/api/v1", responses=ERRORS)
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
 def _run_out(run: dict[str, Any]) -> RunOut:
     return RunOut(
         **{
             **run,
-            "created_at": _iso(run["created_at"]),
-            "last_seen_at": _iso(run["last_seen_at"]),
-            "finished_at": _iso(run["finished_at"]),
+            "created_at": iso(run["created_at"]),
+            "last_seen_at": iso(run["last_seen_at"]),
+            "finished_at": iso(run["finished_at"]),
             "drops": run["drops"] or {},
         }
     )
@@ -155,11 +117,6 @@ async def list_runs(
     return [_run_out(r) for r in rows]
 
 
-RunId = Annotated[int, Path(ge=1, le=INT64_MAX, description="the run's id (`GET /runs`)")]
-Step = Annotated[int | None, Query(ge=INT64_MIN, le=INT64_MAX)]
-NoNul = r"^[^\x00]*$"
-Key = Annotated[str, Query(min_length=1, max_length=256, pattern=NoNul)]
-Rank = Annotated[int, Query(ge=0, le=INT32_MAX, description="the process rank whose series to read")]
 SinceStep = Annotated[Step, Query(description="only steps strictly after this one")]
 EndStep = Annotated[Step, Query(description="only steps up to and including this one")]
 Limit = Annotated[int, Query(ge=1, le=MAX_ROWS)]
@@ -214,7 +171,7 @@ def _scalars_body(
 ) -> bytes:
     """The response for steps ``start``..``end`` (inclusive; None: unbounded)."""
     view = ctx.store.scalar_view(run_id, key, start, end, max_points, rank)
-    return _json(
+    return json_bytes(
         {
             "run_id": run_id,
             "key": key,
@@ -255,7 +212,7 @@ def _histograms_body(
     ctx: ServerContext, run_id: int, key: str, rank: int, since: int | None, end: int | None, limit: int
 ) -> bytes:
     page = ctx.store.histogram_rows(run_id, key, rank, since, end, limit)
-    return _json(
+    return json_bytes(
         {
             "run_id": run_id,
             "key": key,
@@ -295,14 +252,10 @@ async def list_events(
     """
 
     def body() -> bytes:
-        return _json(
+        return json_bytes(
             ctx.store.event_rows(
                 run_id, kind=kind, level=level, rank=rank, since_step=since_step, after_id=after_id, limit=limit
             )
         )
 
     return Response(await run_in_threadpool(body), media_type="application/json")
-
-
-def _json(body: Any) -> bytes:
-    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode()

@@ -14,7 +14,7 @@ from trimtab.protocol import INT64_MAX
 from trimtab.server.alerts import messages as notify
 from trimtab.server.alerts.delivery import build_request, make_client, send
 from trimtab.server.alerts.sinks import MIN_SECRET_CHARS, NAME_LIMIT, SinkStore, check_url, new_secret
-from trimtab.server.api.runs import ERRORS, Ctx, NoNul, _iso, require
+from trimtab.server.api.deps import ERRORS, Ctx, NoNul, iso, require
 
 router = APIRouter(prefix="/api/v1", responses=ERRORS, tags=["sinks"])
 
@@ -81,7 +81,7 @@ class TestOut(BaseModel):
 
 
 def _out(sink: dict[str, Any]) -> dict[str, Any]:
-    return {**sink, "created_at": _iso(sink["created_at"])}
+    return {**sink, "created_at": iso(sink["created_at"])}
 
 
 @router.post("/sinks", response_model=SinkCreated, status_code=201, dependencies=[require("admin")])

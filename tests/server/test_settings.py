@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from trimtab.addresses import is_loopback
 from trimtab.protocol import MAX_FRAME_BYTES
-from trimtab.server.settings import Settings, is_loopback
+from trimtab.server.settings import Settings
 
 
 def test_frame_limit_cannot_go_below_the_protocol_limit() -> None:

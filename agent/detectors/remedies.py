@@ -1,0 +1,51 @@
+"""The remedy hints an alert carries, from the stability literature (docs/alerts.md has the
+table): by key prefix first, then by detector."""
+
+from __future__ import annotations
+
+REMEDY_NONFINITE = (
+    "Skip the batch (the nonfinite event names where the NaN was born); if it recurs, lower the LR, "
+    "check the data, or train in bf16 instead of fp16."
+)
+REMEDY_SPIKE = "Skip the offending batch, clip gradients, lower the LR or lengthen the warm-up."
+REMEDY_DIVERGENCE = "Roll back to a checkpoint before the rise and resume with a lower LR (or a longer warm-up)."
+REMEDY_OVERFLOW = (
+    "fp16 is overflowing: switch to bf16, or tune GradScaler (lower init_scale, longer growth_interval) "
+    "and look for layers whose activations grow."
+)
+REMEDY_DEAD = "Units have died: lower the LR, check the initialisation, or use a leaky activation."
+REMEDY_VANISHING = "Gradients shrink or grow across depth: add normalisation, scale residual branches, revisit init."
+REMEDY_UPDATE = "Updates are too large for the weights: lower the LR for these parameters, or add weight decay."
+REMEDY_ATTENTION = "Attention logits are growing: add qk-layernorm or a z-loss, and lower the LR."
+REMEDY_AUTOPILOT = (
+    "The autopilot acted on its own (skipped updates, cut the LR or rolled back): check the run's "
+    "commands with source=autopilot, and the alert that explains why."
+)
+REMEDY_THRESHOLD = "A watched value crossed its limit: check the run's recent changes (data, LR, batch size)."
+
+_BY_KEY = (
+    ("autopilot/", REMEDY_AUTOPILOT),
+    ("attn", REMEDY_ATTENTION),
+    ("act/", REMEDY_DEAD),
+    ("update_ratio/", REMEDY_UPDATE),
+    ("grad_norm/depth_ratio", REMEDY_VANISHING),
+    ("loss_scale", REMEDY_OVERFLOW),
+    ("amp_overflow", REMEDY_OVERFLOW),
+)
+_BY_DETECTOR = {
+    "nonfinite": REMEDY_NONFINITE,
+    "robust_spike": REMEDY_SPIKE,
+    "gross_magnitude": REMEDY_SPIKE,
+    "divergence": REMEDY_DIVERGENCE,
+    "overflow_rate": REMEDY_OVERFLOW,
+}
+
+
+def remedy_for(detector: str, key: str) -> str:
+    """The built-in hint for a detector on a key (the key is more telling when it is known)."""
+    if detector == "nonfinite":
+        return REMEDY_NONFINITE
+    for prefix, remedy in _BY_KEY:
+        if key.startswith(prefix):
+            return remedy
+    return _BY_DETECTOR.get(detector, REMEDY_THRESHOLD)
