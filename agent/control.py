@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
+from trimtab.jsonsafe import to_json
 from trimtab.lr import current_lrs, scale_lr
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ class Controller:
             self._on_result(entry)
 
     def _finish(self, ident: str, status: str, step: int | None, detail: dict[str, Any]) -> dict[str, Any]:
-        frame = {"id": ident, "status": status, "step": step, "detail": _json_safe(detail)}
+        frame = {"id": ident, "status": status, "step": step, "detail": to_json(detail)}
         self._results[ident] = frame
         while len(self._results) > REMEMBERED:
             self._results.popitem(last=False)
@@ -325,10 +326,10 @@ class Controller:
                     f"set_hparams: {type(optimizer).__name__} has no {name!r}; its fields: {', '.join(fields)}"
                 )
             changes[name] = _coerce(name, value, current[0])
-        before = {name: _json_safe(optimizer.param_groups[0][name]) for name in changes}
+        before = {name: to_json(optimizer.param_groups[0][name]) for name in changes}
         for group in optimizer.param_groups:
             group.update(changes)
-        return {"before": before, "after": _json_safe(changes)}
+        return {"before": before, "after": to_json(changes)}
 
     def _skip_batches(self, args: dict[str, Any], step: int) -> dict[str, Any]:
         n = args.get("n")
@@ -355,7 +356,7 @@ class Controller:
             raise Rejected(f"rollback: no snapshot at or before step {to_step}; kept: {have or 'none yet'}")
         # This step's gradients come from the weights being replaced: its update is dropped.
         self.drop_this_step = True
-        handled = [_json_safe(fn(restored)) for fn in self.rollback_handlers]
+        handled = [to_json(fn(restored)) for fn in self.rollback_handlers]
         # The optimizer and scheduler state came back too: LR changes made after the snapshot
         # (by commands or by hand) are undone. Say what the LR is now.
         lrs = current_lrs(self.target.optimizer) if self.target.optimizer is not None else None
@@ -364,7 +365,7 @@ class Controller:
     def _checkpoint(self, args: dict[str, Any], step: int) -> dict[str, Any]:
         if not self.checkpoint_handlers:
             raise Rejected("checkpoint: no checkpoint handler registered; use run.on_checkpoint(fn)")
-        return {"results": [_json_safe(fn(step)) for fn in self.checkpoint_handlers]}
+        return {"results": [to_json(fn(step)) for fn in self.checkpoint_handlers]}
 
     def _pause(self, args: dict[str, Any], step: int) -> dict[str, Any]:
         was = self.paused
@@ -396,7 +397,7 @@ class Controller:
         results = []
         for fn in self.checkpoint_handlers:
             try:
-                results.append(_json_safe(fn(step)))
+                results.append(to_json(fn(step)))
             except Exception as exc:  # the stop still happens; the failure is reported
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
         return {"stopping": True, "checkpoints": results}
@@ -481,23 +482,3 @@ def _coerce(name: str, value: Any, current: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise Rejected(f"set_hparams: {name!r} must be a finite number, got {value!r}")
     return float(value) if isinstance(current, float) else value
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    if depth > 8:
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v, depth + 1) for v in value]
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return _json_safe(item(), depth + 1)
-        except Exception:
-            return repr(value)
-    return repr(value)

@@ -4,7 +4,6 @@ variables, which win over the defaults below."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -128,24 +127,6 @@ def _check_server_url(ws_url: str, given: str) -> None:
     foreign_scheme = "://" in given and given.split("://", 1)[0].lower() not in ("http", "https", "ws", "wss")
     if foreign_scheme or parts.scheme not in ("ws", "wss") or not parts.hostname or port == 0:
         raise ValueError(f"trimtab.init: server={given!r} is not a valid http(s):// or ws(s):// URL")
-
-
-def jsonable(value: Any, depth: int = 0) -> Any:
-    """``value`` made storable as JSON on every backend: containers kept; non-finite floats,
-    integers beyond int64 and unknown types as strings; NUL characters removed."""
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**63 else str(value)
-    if isinstance(value, str):
-        return value.replace("\x00", "")
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if depth < 16 and isinstance(value, (list, tuple)):
-        return [jsonable(v, depth + 1) for v in value]
-    if depth < 16 and isinstance(value, dict):
-        return {str(k).replace("\x00", ""): jsonable(v, depth + 1) for k, v in value.items()}
-    return str(value).replace("\x00", "")
 
 
 def _parse(name: str, raw: str, f: dataclasses.Field[Any]) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from trimtab.errors import ErrorCode, TrimtabError
+from trimtab.jsonsafe import problem as json_value_problem
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024 * 1024
@@ -468,31 +469,10 @@ def _event(obj: Any) -> Event:
 def _json_map(obj: dict[str, Any], name: str) -> dict[str, Any]:
     """A map that a JSON column on every backend accepts: string keys, finite numbers, no bytes."""
     value = _opt(obj, name, dict) or {}
-    problem = json_problem(value)
+    problem = json_value_problem(value)
     if problem:
         raise ProtocolError(ErrorCode.INVALID_BATCH if name == "data" else ErrorCode.BAD_FRAME, f"'{name}': {problem}")
     return value
-
-
-def json_problem(value: Any, depth: int = 0) -> str | None:
-    """Why ``value`` cannot be stored as JSON, or None when it can."""
-    if depth > 32:
-        return "nested too deeply"
-    if value is None or isinstance(value, (bool, int, str)):
-        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-            return "integer out of the 64-bit range"
-        if isinstance(value, str) and "\x00" in value:
-            return "strings may not contain NUL"
-        return None
-    if isinstance(value, float):
-        return None if math.isfinite(value) else "non-finite floats cannot be stored as JSON"
-    if isinstance(value, (list, tuple)):
-        return next((p for p in (json_problem(v, depth + 1) for v in value) if p), None)
-    if isinstance(value, dict):
-        if not all(isinstance(k, str) for k in value):
-            return "map keys must be strings"
-        return json_problem(list(value.keys()), depth + 1) or json_problem(list(value.values()), depth + 1)
-    return f"values of type {type(value).__name__} cannot be stored as JSON"
 
 
 def _key(obj: dict[str, Any]) -> str:
@@ -555,29 +535,3 @@ def _req_float(obj: dict[str, Any], name: str) -> float:
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", dict: "a map", bytes: "binary", list: "an array"}
-
-
-# ---------------------------------------------------------------- JSON for non-finite floats
-
-NAN_JSON = "NaN"
-POS_INF_JSON = "Infinity"
-NEG_INF_JSON = "-Infinity"
-
-
-def float_to_json(value: float) -> float | str:
-    """JSON has no NaN/Inf: the REST API sends them as these three strings (as protobuf's JSON does)."""
-    if math.isfinite(value):
-        return value
-    if math.isnan(value):
-        return NAN_JSON
-    return POS_INF_JSON if value > 0 else NEG_INF_JSON
-
-
-def float_from_json(value: float | int | str) -> float:
-    """Inverse of :func:`float_to_json`."""
-    if isinstance(value, str):
-        try:
-            return {NAN_JSON: math.nan, POS_INF_JSON: math.inf, NEG_INF_JSON: -math.inf}[value]
-        except KeyError:
-            raise ValueError(f"not a trimtab JSON float: {value!r}") from None
-    return float(value)

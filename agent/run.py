@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from trimtab import internal
 from trimtab.buffer import Buffer, Drops
 from trimtab.control import BUILTIN, Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
-from trimtab.options import Options, jsonable
+from trimtab.jsonsafe import to_json
+from trimtab.options import Options
 from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH, event_entry, histogram_entry
 from trimtab.sender import BYE_WAIT, OFFLINE_FINISH_GRACE, Identity, Sender
 from trimtab.session import Session
@@ -61,7 +62,7 @@ class Run:
             project=self._checked_text("project", opts.project or "default", MAX_PROJECT_LENGTH),
             name=None if opts.name is None else self._checked_text("name", opts.name, MAX_NAME_LENGTH),
             agent_version=__version__,
-            config=jsonable(dict(opts.config)),
+            config=to_json(dict(opts.config)),
             rank=opts.rank,
             world_size=opts.world_size,
         )
@@ -529,7 +530,7 @@ class _Sink:
 
     def emit_event(self, kind: str, step: int | None, data: dict[str, Any], level: str = "info") -> None:
         if not self._run._closed:
-            self._run._buffer.put_event(event_entry(kind, step, time.time(), jsonable(data), level))
+            self._run._buffer.put_event(event_entry(kind, step, time.time(), to_json(data), level))
 
     def warn_once(self, topic: str, message: str) -> None:
         self._run._warn_once(topic, message)

@@ -7,7 +7,7 @@ wave with a few spikes and NaNs), ingested through the real ``IngestWriter`` in 
 times (median and p95, server time: the REST handler's body function, JSON included):
 
 (a) raw read: ``Store.scalar_rows`` of the whole series;
-(b) the old path: raw read + ``downsample.select_indices`` to 2,000 points;
+(b) the old path: raw read + ``select_indices`` (below) to 2,000 points;
 (c) the new full-range view: ``api._scalars_body`` with max_points=2000;
 (d) zoomed views of 100k, 10k and 1k steps around a spike (same body function);
 (e) the dashboard's chart: the full-range view parsed, built into the overview figure
@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -82,15 +82,60 @@ def check_view(body: bytes, special: dict[int, float], lo: int, hi: int) -> None
             assert got.get(step) == want, f"step {step}: {got.get(step)!r} != {want!r}"
 
 
+# The old path, kept as the baseline: equal-width buckets over the raw points, each keeping
+# its finite minimum and maximum and its first NaN, +Inf and -Inf, in Python.
+def select_indices(steps: Sequence[int], values: Sequence[float], max_points: int) -> list[int]:
+    """Indices of the points to keep, ascending. ``steps`` must be sorted ascending."""
+    n = len(steps)
+    if n <= max_points:
+        return list(range(n))
+    buckets = max(1, max_points // 2)
+    while True:
+        keep = _select(steps, values, buckets)
+        if len(keep) <= max_points or buckets == 1:
+            return keep[:max_points]
+        buckets = max(1, min(buckets - 1, int(buckets * max_points / len(keep))))
+
+
+def _select(steps: Sequence[int], values: Sequence[float], buckets: int) -> list[int]:
+    n = len(steps)
+    first, last = steps[0], steps[-1]
+    width = (last - first + 1) / buckets
+    keep: list[int] = []
+    i = 0
+    while i < n:
+        bucket = int((steps[i] - first) / width)
+        lo_i = hi_i = -1
+        lo = hi = 0.0
+        markers: dict[str, int] = {}
+        j = i
+        while j < n and int((steps[j] - first) / width) == bucket:
+            v = values[j]
+            if v != v or v in (math.inf, -math.inf):
+                kind = "nan" if v != v else ("pinf" if v > 0 else "ninf")
+                markers.setdefault(kind, j)
+            else:
+                if lo_i < 0 or v < lo:
+                    lo, lo_i = v, j
+                if hi_i < 0 or v > hi:
+                    hi, hi_i = v, j
+            j += 1
+        chosen = {k for k in (lo_i, hi_i) if k >= 0}
+        chosen.update(markers.values())
+        keep.extend(sorted(chosen))
+        i = j
+    return keep
+
+
 def bench(name: str, db_url: str, n: int, repeats: int) -> list[tuple[str, float, float]]:
     from trimtab.dashboard import figures
     from trimtab.dashboard.client import Series
-    from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries, float_from_json
+    from trimtab.jsonsafe import float_from_json
+    from trimtab.protocol import Batch, Hello, RunRef, ScalarSeries
     from trimtab.server.api import runs as api
     from trimtab.server.db import migrate
     from trimtab.server.db.engine import make_engine
     from trimtab.server.db.store import Store
-    from trimtab.server.downsample import select_indices
     from trimtab.server.ingest import STORED, IngestWriter
 
     migrate.upgrade(db_url)

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from trimtab.protocol import float_from_json
+from trimtab.jsonsafe import float_from_json
 
 TIMEOUT_S = 10.0
 

@@ -196,7 +196,7 @@ def run_by_name(server: ServerProcess, name: str) -> dict[str, Any]:
 
 def assert_exact_series(server: ServerProcess, run_id: int, key: str, steps: range) -> None:
     """Every step present exactly once, with the exact value (NaN/Inf included)."""
-    from trimtab.protocol import float_from_json
+    from trimtab.jsonsafe import float_from_json
 
     data = server.get(f"/api/v1/runs/{run_id}/scalars?key={key}&max_points=2000000")
     assert data["downsampled"] is False

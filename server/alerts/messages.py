@@ -5,13 +5,12 @@ Pure functions of their inputs (no I/O), so the formats are tested without a net
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from trimtab import webhooks
-from trimtab.protocol import float_to_json
+from trimtab.jsonsafe import dumps, float_to_json
 from trimtab.version import __version__
 
 USER_AGENT = f"trimtab/{__version__}"
@@ -23,21 +22,6 @@ SEVERITY_ICON = {"critical": ":rotating_light:", "warning": ":warning:"}
 class Request:
     body: bytes
     headers: dict[str, str]
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with non-finite floats as "NaN"/"Infinity"/"-Infinity" (JSON has no NaN)."""
-    if isinstance(value, float):
-        return float_to_json(value)
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(json_safe(value), allow_nan=False, separators=(",", ":")).encode()
 
 
 def webhook_body(event: str, delivery_id: int | None, alert: dict[str, Any]) -> bytes:

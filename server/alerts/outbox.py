@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
-from trimtab.server.alerts.messages import json_safe
+from trimtab.jsonsafe import to_json
 from trimtab.server.db.tables import alert_deliveries, alerts, sinks
 
 PENDING = "pending"
@@ -41,7 +41,7 @@ def enqueue(conn: Connection, alert_id: int, event: str, payload: dict[str, Any]
     if not targets:
         return 0
     now = time.time()
-    snapshot = json_safe(payload)  # PostgreSQL's json type refuses NaN
+    snapshot = to_json(payload)  # PostgreSQL's json type refuses NaN
     conn.execute(
         insert(alert_deliveries),
         [

@@ -20,8 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.detectors import Finding
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import float_from_json, float_to_json
-from trimtab.server.alerts.messages import json_safe
+from trimtab.jsonsafe import float_to_json, from_json, to_json
 from trimtab.server.db.tables import alerts, detector_states, metric_keys, projects, runs, scalar_points
 
 FIRING, RESOLVED = "firing", "resolved"
@@ -228,14 +227,14 @@ def add_provenance(conn: Connection, run_id: int, rank: int, step: int, data: Ma
     for row in rows:
         if "provenance" in (row.data or {}):
             continue
-        body = {**(row.data or {}), "provenance": json_safe(dict(data))}
+        body = {**(row.data or {}), "provenance": to_json(dict(data))}
         conn.execute(update(alerts).where(alerts.c.id == row.id).values(data=body))
         changed.append(row.id)
     return changed
 
 
 def _finding_data(finding: Finding) -> dict[str, Any]:
-    data: dict[str, Any] = json_safe(dict(finding.data))
+    data: dict[str, Any] = to_json(dict(finding.data))
     if finding.score is not None:
         data.setdefault("score", float_to_json(finding.score))
     return data
@@ -348,21 +347,7 @@ def load_state(conn: Connection, run_id: int, rank: int, rule: str, key: str) ->
             detector_states.c.key == key,
         )
     ).scalar()
-    return _state_from_json(dict(state)) if isinstance(state, Mapping) else None
-
-
-_NON_FINITE = frozenset(("NaN", "Infinity", "-Infinity"))
-
-
-def _state_from_json(value: Any) -> Any:
-    """A saved state with the non-finite floats ``json_safe`` turned into strings made floats again."""
-    if isinstance(value, str) and value in _NON_FINITE:
-        return float_from_json(value)
-    if isinstance(value, dict):
-        return {k: _state_from_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_state_from_json(v) for v in value]
-    return value
+    return from_json(dict(state)) if isinstance(state, Mapping) else None
 
 
 def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) -> None:
@@ -370,7 +355,7 @@ def save_states(conn: Connection, rows: Iterable[dict[str, Any]], sqlite: bool) 
     newer is kept (another replica went further with that slot). Non-finite floats anywhere in
     a state are stored as strings (PostgreSQL's json refuses NaN) and read back as floats."""
     now = time.time()
-    values = [{**r, "state": json_safe(r["state"]), "updated_at": now} for r in rows]
+    values = [{**r, "state": to_json(r["state"]), "updated_at": now} for r in rows]
     if not values:
         return
     stmt = (sqlite_insert if sqlite else pg_insert)(detector_states)

@@ -9,7 +9,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.protocol import INT32_MAX, INT64_MAX, float_to_json
+from trimtab.jsonsafe import float_to_json, to_json
+from trimtab.protocol import INT32_MAX, INT64_MAX
 from trimtab.server.api.deps import ERRORS, Ctx, Key, NoNul, Rank, RunId, Step, iso, json_bytes, require
 from trimtab.server.context import ServerContext
 
@@ -102,6 +103,7 @@ def _run_out(run: dict[str, Any]) -> RunOut:
             "last_seen_at": iso(run["last_seen_at"]),
             "finished_at": iso(run["finished_at"]),
             "drops": run["drops"] or {},
+            "config": to_json(run["config"]),
         }
     )
 

@@ -17,7 +17,8 @@ from typing import Any, get_type_hints
 
 from trimtab.autopilot import AutopilotOptions
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import INT64_MAX, json_problem
+from trimtab.jsonsafe import problem as json_problem
+from trimtab.protocol import INT64_MAX
 
 DEFAULT_EXPIRES_IN_S = 3600.0
 MAX_EXPIRES_IN_S = 7 * 24 * 3600.0

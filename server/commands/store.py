@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.errors import ErrorCode, TrimtabError
-from trimtab.protocol import INT64_MAX, INT64_MIN, CmdResult, float_to_json
+from trimtab.jsonsafe import to_json
+from trimtab.protocol import CmdResult
 from trimtab.server.commands.kinds import CommandRequest
 from trimtab.server.db.store import Store
 from trimtab.server.db.tables import commands, runs
@@ -362,32 +362,11 @@ def _autopilot_row(run_id: int, rank: int, result: CmdResult, detail: dict[str, 
 
 
 def storable(detail: dict[str, Any]) -> dict[str, Any]:
-    """An agent's detail as JSON every backend stores: non-finite floats as "NaN"/"Infinity",
-    out-of-range integers, bytes and other types as text, NUL characters replaced; past
-    ``MAX_DETAIL_BYTES`` of JSON, a cut text of it."""
-    safe = _storable(detail, 0)
+    """An agent's detail made storable (``trimtab.jsonsafe``); past ``MAX_DETAIL_BYTES`` of
+    JSON, a cut text of it."""
+    safe = to_json(detail)
     assert isinstance(safe, dict)
     text = json.dumps(safe, separators=(",", ":"))
     if len(text) > MAX_DETAIL_BYTES:
         return {"truncated": True, "json_bytes": len(text), "head": text[:4096]}
     return safe
-
-
-def _storable(value: Any, depth: int) -> Any:
-    if depth > 32:
-        return "(nested too deeply)"
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, int):
-        return value if INT64_MIN <= value <= INT64_MAX else str(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else float_to_json(value)
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, (list, tuple)):
-        return [_storable(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {_storable(str(k), depth + 1): _storable(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (bytes, bytearray)):
-        return f"({len(value)} bytes)"
-    return _storable(repr(value), depth + 1)

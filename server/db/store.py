@@ -22,6 +22,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from trimtab.errors import ErrorCode, TrimtabError
+from trimtab.jsonsafe import from_json
 from trimtab.protocol import Hello, unpack_array
 from trimtab.server.db.engine import is_sqlite
 from trimtab.server.db.scalar_view import ScalarView, read_view
@@ -109,10 +110,6 @@ class Store:
                 ErrorCode.STORE_UNAVAILABLE,
                 f"the database is unavailable: {type(getattr(exc, 'orig', None) or exc).__name__}",
             ) from exc
-
-    def ping(self) -> None:
-        with self.transaction() as conn:
-            conn.execute(select(1))
 
     # ------------------------------------------------------------------ runs lifecycle
     def open_run(self, hello: Hello, on_created: RunCreated | None = None) -> tuple[int, int]:
@@ -242,6 +239,7 @@ class Store:
 
     def _run_dict(self, row: Any) -> dict[str, Any]:
         out = dict(row)
+        out["config"] = from_json(out["config"] or {})  # "Infinity" in a config reads back as a float
         if out["status"] == "running" and time.time() - out["last_seen_at"] > self.stale_after_s:
             out["status"] = "stale"  # heartbeats stopped; the run may still come back
         return out

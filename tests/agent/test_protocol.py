@@ -119,17 +119,6 @@ def test_frame_over_the_limit_is_refused_before_decoding() -> None:
     assert info.value.code == ErrorCode.FRAME_TOO_LARGE
 
 
-@pytest.mark.parametrize("value", WEIRD)
-def test_json_float_encoding_round_trips(value: float) -> None:
-    back = protocol.float_from_json(protocol.float_to_json(value))
-    assert _bits(back) == _bits(value) or (math.isnan(back) and math.isnan(value))
-
-
-def test_json_float_rejects_unknown_strings() -> None:
-    with pytest.raises(ValueError, match="not a trimtab JSON float"):
-        protocol.float_from_json("nan")
-
-
 def test_every_error_code_has_an_http_status_and_close_code() -> None:
     for code in ErrorCode:
         status, close = ERROR_TABLE[code]

@@ -135,7 +135,7 @@ def test_config_is_made_storable_and_long_names_truncated(tmp_path: Path) -> Non
         config={"path": Path("/data"), "eps": math.inf, "betas": (0.9, 0.95)},
     )
     try:
-        assert run.identity.config == {"path": "/data", "eps": "inf", "betas": [0.9, 0.95]}
+        assert run.identity.config == {"path": "/data", "eps": "Infinity", "betas": [0.9, 0.95]}  # trimtab.jsonsafe
         assert run.identity.name == "n" * 256
     finally:
         run.finish(timeout=0.2)

@@ -14,7 +14,6 @@ from trimtab.dashboard.heatmaps import distribution_heatmap, histogram_bars, lay
 from trimtab.dashboard.live import extension
 from trimtab.dashboard.pages.control import request_for
 from trimtab.dashboard.pages.overview import choose_panels
-from trimtab.server.downsample import select_indices
 
 
 def series(key: str, values: list[float], start: int = 0) -> Series:
@@ -68,8 +67,14 @@ def test_a_spike_survives_the_servers_downsampling_into_the_figure() -> None:
     values = [1.0 + 0.01 * rng.random() for _ in range(200_000)]
     values[123_457] = 1e6
     values[77_777] = math.nan
-    keep = select_indices(range(len(values)), values, 500)
-    view = Series("loss", [i for i in keep], [values[i] for i in keep], len(values), downsampled=True)
+    # What the API sends for a 200,000-point range at max_points=500: each 800-step bucket's
+    # minimum and maximum, and the first NaN, at their real steps.
+    keep = {77_777}
+    for start in range(0, len(values), 800):
+        bucket = [i for i in range(start, start + 800) if not math.isnan(values[i])]
+        keep.update((min(bucket, key=values.__getitem__), max(bucket, key=values.__getitem__)))
+    steps = sorted(keep)
+    view = Series("loss", steps, [values[i] for i in steps], len(values), downsampled=True, bucket_steps=800)
     fig = overview_figure([Panel("loss", [view])], [])
     line = by_name(fig, "loss")
     assert 1e6 in list(line.y)  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from torch import nn
 
 import trimtab
 from tests.helpers import ROOT, ServerProcess, free_port, run_by_name, subprocess_env
-from trimtab.protocol import float_from_json
+from trimtab.jsonsafe import float_from_json
 
 
 def keys_of(server: ServerProcess, run_id: int, rank: int = 0) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import trimtab
 from tests.helpers import ServerProcess, api_status
-from trimtab.protocol import float_from_json
+from trimtab.jsonsafe import float_from_json
 
 
 def _stream(server: ServerProcess, tmp_path: Path, name: str, project: str = "api", **options: Any) -> trimtab.Run:
@@ -30,6 +30,25 @@ def test_runs_list_detail_and_project_filter(server: ServerProcess, tmp_path: Pa
     assert detail["config"] == {"lr": 3e-4, "layers": [4, 4]}
     assert detail["created_at"].endswith("+00:00")
     assert server.get("/api/v1/runs?limit=1&offset=1")[0]["name"] == "a"
+
+
+def test_a_config_with_infinities_is_stored_and_read_back_as_floats(
+    server: ServerProcess, tmp_path: Path, migrated_db: str
+) -> None:
+    from trimtab.server.db.engine import make_engine
+    from trimtab.server.db.store import Store
+
+    config = {"clip": math.inf, "floor": -math.inf, "ema": {"init": math.nan}, "name\x00": "gpt"}
+    with _stream(server, tmp_path, "inf", config=config) as run:
+        run.log({"loss": 1.0}, step=0)
+    shown = server.get(f"/api/v1/runs/{run.id}")["config"]
+    assert shown == {"clip": "Infinity", "floor": "-Infinity", "ema": {"init": "NaN"}, "name": "gpt"}
+    engine = make_engine(migrated_db)
+    try:
+        stored = Store(engine).get_run(run.id)["config"]
+    finally:
+        engine.dispose()
+    assert stored["clip"] == math.inf and stored["floor"] == -math.inf and math.isnan(stored["ema"]["init"])
 
 
 def test_drops_are_reported_to_the_server(server: ServerProcess, tmp_path: Path) -> None:
