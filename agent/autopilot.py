@@ -36,7 +36,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 from typing import Any
 
-from trimtab.control import Controller, Rejected
+from trimtab.builtin_commands import Rejected
+from trimtab.control import Controller
 from trimtab.detectors import Divergence, RobustSpike
 
 
@@ -100,7 +101,7 @@ class Autopilot:
             self._instability(step)
             allowed = self._may_skip(step)
             if allowed or nonfinite:  # a NaN update would poison the weights: never let it through
-                self.control.drop_this_step = True  # this step's update (the boundary settles it)
+                self.control.drop_update()  # this step's update (the boundary settles it)
                 self.skips.append(step)
                 self.in_row += 1
                 detail = {"reason": reason, "loss": loss, "grad_norm": grad_norm, "over_cap": not allowed}

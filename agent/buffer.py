@@ -159,3 +159,28 @@ class Buffer:
 
 def _series(cols: dict[str, tuple[array[int], array[float], array[float]]]) -> list[dict[str, Any]]:
     return [scalar_series(k, s, w, v) for k, (s, w, v) in cols.items() if len(s)]
+
+
+def to_number(value: Any) -> Any:
+    """A float, or a 1-element accelerator tensor to be read by the sender thread; None if not a number."""
+    if isinstance(value, (bool, int, float)):
+        return float(value)
+    if type(value).__module__.startswith("torch"):
+        try:
+            if value.is_cpu:
+                return float(value)  # no device to wait for; raises unless it has one element
+            return value.detach() if value.numel() == 1 else None  # read later, off this thread
+        except Exception:
+            return None
+    try:
+        return float(value)  # numpy scalars and anything else with __float__
+    except (TypeError, ValueError):
+        return None
+
+
+def is_integral(step: Any) -> bool:
+    """An int, or a number with an integral value (numpy ints, 3.0); not a bool."""
+    try:
+        return not isinstance(step, bool) and int(step) == step
+    except (TypeError, ValueError, OverflowError):
+        return False

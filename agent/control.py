@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
 import types
@@ -26,39 +25,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
+from trimtab.builtin_commands import BUILTINS, Rejected
 from trimtab.jsonsafe import to_json
-from trimtab.lr import current_lrs, scale_lr
+from trimtab.protocol import APPLIED, BUILTIN_COMMANDS, DELIVERED, REJECTED, Command
 
 if TYPE_CHECKING:
     from trimtab.lockstep import Lockstep
 
 logger = logging.getLogger("trimtab")
 
-BUILTIN = (
-    "reduce_lr",
-    "set_lr",
-    "set_hparams",
-    "skip_batches",
-    "rollback",
-    "checkpoint",
-    "pause",
-    "resume",
-    "stop",
-    "set_autopilot",
-)
 REMEMBERED = 1000  # final results kept for redelivered ids
 PAUSE_POLL_S = 0.5
-
-
-class Rejected(Exception):
-    """A command cannot be applied; the message is the reason the server records."""
-
-
-@dataclass(frozen=True)
-class Command:
-    id: str
-    kind: str
-    args: dict[str, Any]
 
 
 @dataclass
@@ -101,27 +78,58 @@ class Controller:
         self.lockstep: Lockstep | None = None  # multi-rank: same-step application via the c10d store
         self._scheduled: list[tuple[int, Command]] = []
 
+    # ------------------------------------------------------------------ wiring (by Run)
+    def attach(self, target: Target, snapshots: Any = None) -> None:
+        """What the built-in commands act on (``run.watch``), and the snapshots for rollback."""
+        self.target, self.snapshots = target, snapshots
+
+    def detach(self) -> Target:
+        """``run.unwatch``: nothing to act on any more; returns what was attached."""
+        target, self.target, self.snapshots = self.target, Target(), None
+        return target
+
+    def use_lockstep(self, lockstep: Lockstep | None) -> None:
+        """Multi-rank jobs: apply commands on every rank at the same step."""
+        self.lockstep = lockstep
+
+    def on_autopilot_policy(self, configure: Callable[[bool, dict[str, Any]], dict[str, Any]]) -> None:
+        """What ``set_autopilot`` calls: (enabled, options) -> summary; ValueError/TypeError rejects."""
+        self.configure_autopilot = configure
+
+    def add_handler(self, kind: str, handler: Handler) -> None:
+        self.handlers[kind] = handler
+
+    def add_checkpoint_handler(self, handler: Callable[[int], Any]) -> None:
+        self.checkpoint_handlers.append(handler)
+
+    def add_rollback_handler(self, handler: Callable[[int], Any]) -> None:
+        self.rollback_handlers.append(handler)
+
+    def drop_update(self) -> None:
+        """This boundary's update is not applied (a rollback, the autopilot rejecting a step)."""
+        self.drop_this_step = True
+
+    def asked_to_skip(self) -> bool:
+        """For loops that apply their own updates: is this step's update to be skipped?"""
+        self.should_skip_used = True
+        return self.skip_now
+
     # ------------------------------------------------------------------ network thread
-    def receive(self, frame: dict[str, Any]) -> None:
+    def receive(self, command: Command) -> None:
         """A ``cmd`` frame from the server: queue it, or answer again for a known id."""
-        ident, kind, args = frame.get("id"), frame.get("kind"), frame.get("args")
-        if not isinstance(ident, str) or not ident:
-            logger.warning("trimtab: ignoring a command without an id: %r", frame)
-            return
+        ident = command.id
         with self._cond:
             if ident in self._results:
                 self._outgoing.append(self._results[ident])
                 return
             if ident not in self._queued:
-                if not isinstance(kind, str) or not isinstance(args, (dict, type(None))):
-                    self._finish(
-                        ident, "rejected", None, {"reason": "malformed command: kind must be a string, args a map"}
-                    )
+                if command.problem is not None:
+                    self._finish(ident, REJECTED, None, {"reason": command.problem})
                     return
                 self._queued.add(ident)
-                self._inbox.append(Command(ident, kind, dict(args or {})))
+                self._inbox.append(command)
                 self._cond.notify_all()
-            self._outgoing.append({"id": ident, "status": "delivered", "step": None, "detail": None})
+            self._outgoing.append({"id": ident, "status": DELIVERED, "step": None, "detail": None})
 
     def take_outgoing(self) -> list[dict[str, Any]]:
         """Result frames for the sender to send (it calls this on every turn)."""
@@ -166,7 +174,7 @@ class Controller:
         """An action the agent took on its own (autopilot), reported like a command."""
         frame = {
             "id": ident,
-            "status": "applied",
+            "status": APPLIED,
             "step": step,
             "detail": {**detail, "source": "autopilot", "kind": kind, "args": args},
         }
@@ -215,12 +223,12 @@ class Controller:
         started = time.perf_counter()
         try:
             detail = self._run(command, step)
-            status = "applied"
+            status = APPLIED
         except Rejected as exc:
-            status, detail = "rejected", {"reason": str(exc)}
+            status, detail = REJECTED, {"reason": str(exc)}
         except Exception as exc:  # a user handler (or our own code) failed: reject, train on
-            status, detail = "rejected", {"reason": f"{type(exc).__name__}: {exc}"}
-            if command.kind in BUILTIN:
+            status, detail = REJECTED, {"reason": f"{type(exc).__name__}: {exc}"}
+            if command.kind in BUILTIN_COMMANDS:
                 internal.report(f"command {command.kind}", exc)
             else:
                 logger.warning(
@@ -232,7 +240,7 @@ class Controller:
         with self._cond:
             self._queued.discard(command.id)
             frame = self._finish(command.id, status, step, detail)
-        level = logger.info if status == "applied" else logger.warning
+        level = logger.info if status == APPLIED else logger.warning
         level("trimtab: command %s %s at step %d: %s", command.kind, status, step, detail)
         entry = {**frame, "kind": command.kind, "args": command.args}
         self.history.append(entry)
@@ -250,26 +258,15 @@ class Controller:
     # ------------------------------------------------------------------ the commands
     def run_builtin(self, kind: str, args: dict[str, Any], step: int) -> dict[str, Any]:
         """Apply a built-in command now (the autopilot's way in); Rejected when it cannot."""
-        if kind not in BUILTIN:
+        if kind not in BUILTIN_COMMANDS:
             raise ValueError(f"not a built-in command: {kind!r}")
         return self._run(Command("", kind, args), step)
 
     def _run(self, command: Command, step: int) -> dict[str, Any]:
         kind, args = command.kind, command.args
-        builtin = {
-            "reduce_lr": self._reduce_lr,
-            "set_lr": self._set_lr,
-            "set_hparams": self._set_hparams,
-            "skip_batches": self._skip_batches,
-            "rollback": self._rollback,
-            "checkpoint": self._checkpoint,
-            "pause": self._pause,
-            "resume": self._resume,
-            "stop": self._stop,
-            "set_autopilot": self._set_autopilot,
-        }.get(kind)
+        builtin = BUILTINS.get(kind)
         if builtin is not None:
-            return builtin(args, step)
+            return builtin(self, args, step)
         handler = self.handlers.get(kind)
         if handler is None:
             known = ", ".join(sorted(self.handlers)) or "none"
@@ -278,132 +275,6 @@ class Controller:
                 f"run.on_command({kind!r}, fn) (registered: {known})"
             )
         return {"result": handler(args)}
-
-    def _optimizer(self, kind: str) -> Any:
-        if self.target.optimizer is None:
-            raise Rejected(f"{kind} needs the optimizer: pass it to run.watch(model, optimizer, scheduler)")
-        return self.target.optimizer
-
-    def _reduce_lr(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        factor = _number(args, "factor")
-        if not 0 < factor < 1:
-            raise Rejected(f"reduce_lr: factor must be in (0, 1), got {factor}")
-        optimizer = self._optimizer("reduce_lr")
-        before = current_lrs(optimizer)
-        if "min_lr" in args and args["min_lr"] is not None:
-            min_lr = _number(args, "min_lr")
-            top = max(before)
-            if top <= min_lr:
-                raise Rejected(f"reduce_lr: the LR {top:.6g} is already at or below min_lr {min_lr:.6g}")
-            factor = max(factor, min_lr / top)  # the largest group LR stops at min_lr
-        scale_lr(optimizer, self.target.scheduler, factor)
-        return {"factor": factor, "before": before, "after": current_lrs(optimizer)}
-
-    def _set_lr(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        lr = _number(args, "lr")
-        if not lr > 0:
-            raise Rejected(f"set_lr: lr must be > 0, got {lr}")
-        optimizer = self._optimizer("set_lr")
-        before = current_lrs(optimizer)
-        if before[0] <= 0:
-            raise Rejected("set_lr: group 0's LR is 0 right now (warm-up start?), so there is nothing to scale from")
-        factor = lr / before[0]  # every group and the schedule scale alike: ratios and shape stay
-        scale_lr(optimizer, self.target.scheduler, factor)
-        return {"factor": factor, "before": before, "after": current_lrs(optimizer)}
-
-    def _set_hparams(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        optimizer = self._optimizer("set_hparams")
-        if not args:
-            raise Rejected("set_hparams: give at least one field, e.g. {'weight_decay': 0.1}")
-        changes: dict[str, Any] = {}
-        for name, value in args.items():
-            if name in ("lr", "initial_lr", "params"):
-                raise Rejected(f"set_hparams: {name!r} cannot be set here (use set_lr for the learning rate)")
-            current = [group.get(name, _MISSING) for group in optimizer.param_groups]
-            if any(c is _MISSING for c in current):
-                fields = sorted(k for k in optimizer.param_groups[0] if k != "params")
-                raise Rejected(
-                    f"set_hparams: {type(optimizer).__name__} has no {name!r}; its fields: {', '.join(fields)}"
-                )
-            changes[name] = _coerce(name, value, current[0])
-        before = {name: to_json(optimizer.param_groups[0][name]) for name in changes}
-        for group in optimizer.param_groups:
-            group.update(changes)
-        return {"before": before, "after": to_json(changes)}
-
-    def _skip_batches(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        n = args.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise Rejected(f"skip_batches: n must be an integer >= 1, got {n!r}")
-        if self.target.optimizer is None and not self.should_skip_used:
-            raise Rejected(
-                "skip_batches needs the optimizer (run.watch(model, optimizer)) or a loop that asks run.should_skip()"
-            )
-        self.skip_remaining += n
-        return {"n": n, "from_step": step, "pending": self.skip_remaining}
-
-    def _rollback(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        if self.snapshots is None:
-            raise Rejected("rollback: no snapshots are kept; enable them with run.watch(..., snapshot_every=K)")
-        to_step = args.get("to_step")
-        if to_step is not None and (not isinstance(to_step, int) or isinstance(to_step, bool) or to_step < 0):
-            raise Rejected(f"rollback: to_step must be an integer >= 0, got {to_step!r}")
-        # Default: the newest snapshot before this step (one taken at this very boundary holds
-        # the weights being rolled back from).
-        restored = self.snapshots.restore(self.target, step - 1 if to_step is None else to_step)
-        if restored is None:
-            have = self.snapshots.steps()
-            raise Rejected(f"rollback: no snapshot at or before step {to_step}; kept: {have or 'none yet'}")
-        # This step's gradients come from the weights being replaced: its update is dropped.
-        self.drop_this_step = True
-        handled = [to_json(fn(restored)) for fn in self.rollback_handlers]
-        # The optimizer and scheduler state came back too: LR changes made after the snapshot
-        # (by commands or by hand) are undone. Say what the LR is now.
-        lrs = current_lrs(self.target.optimizer) if self.target.optimizer is not None else None
-        return {"restored_step": restored, "requested": to_step, "lr_after": lrs, "handlers": handled}
-
-    def _checkpoint(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        if not self.checkpoint_handlers:
-            raise Rejected("checkpoint: no checkpoint handler registered; use run.on_checkpoint(fn)")
-        return {"results": [to_json(fn(step)) for fn in self.checkpoint_handlers]}
-
-    def _pause(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        was = self.paused
-        self.paused = True
-        return {"paused": True, "was_paused": was}
-
-    def _resume(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        if not self.paused:
-            raise Rejected("resume: the run is not paused")
-        self.paused = False
-        return {"paused": False}
-
-    def _set_autopilot(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        """A policy from the server: ``{"enabled": bool, <AutopilotOptions field>: value, ...}``."""
-        if self.configure_autopilot is None:
-            raise Rejected("set_autopilot: this process cannot run an autopilot")
-        options = dict(args)
-        enabled = options.pop("enabled", True)
-        if not isinstance(enabled, bool):
-            raise Rejected(f"set_autopilot: enabled must be true or false, got {enabled!r}")
-        try:
-            return self.configure_autopilot(enabled, options)
-        except (TypeError, ValueError) as exc:
-            raise Rejected(f"set_autopilot: {exc}") from None
-
-    def _stop(self, args: dict[str, Any], step: int) -> dict[str, Any]:
-        self.stop_requested = True
-        self.paused = False
-        results = []
-        for fn in self.checkpoint_handlers:
-            try:
-                results.append(to_json(fn(step)))
-            except Exception as exc:  # the stop still happens; the failure is reported
-                results.append({"error": f"{type(exc).__name__}: {exc}"})
-        return {"stopping": True, "checkpoints": results}
-
-
-_MISSING = object()
 
 
 def wrap_optimizer_step(optimizer: Any, control: Controller) -> None:
@@ -458,27 +329,3 @@ def unwrap_optimizer_step(optimizer: Any) -> None:
     original = getattr(optimizer.step, "_trimtab_original", None)
     if original is not None:
         optimizer.step = original
-
-
-def _number(args: dict[str, Any], name: str) -> float:
-    value = args.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Rejected(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _coerce(name: str, value: Any, current: Any) -> Any:
-    """``value`` in the shape of the field's current value, or Rejected."""
-    if isinstance(current, bool) or current is None:
-        raise Rejected(f"set_hparams: {name!r} is not a numeric hyper-parameter")
-    if isinstance(current, (tuple, list)):
-        if (
-            not isinstance(value, (list, tuple))
-            or len(value) != len(current)
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-        ):
-            raise Rejected(f"set_hparams: {name!r} must be a list of {len(current)} finite numbers, got {value!r}")
-        return type(current)(float(v) for v in value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise Rejected(f"set_hparams: {name!r} must be a finite number, got {value!r}")
-    return float(value) if isinstance(current, float) else value

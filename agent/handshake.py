@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -31,12 +30,6 @@ class RemoteError(Exception):
         self.message = message
 
 
-@dataclass(frozen=True)
-class Welcome:
-    run_id: int
-    acked_seq: int
-
-
 class Handshake:
     def __init__(self, opts: Options, hello: bytes) -> None:
         self._opts = opts
@@ -45,7 +38,7 @@ class Handshake:
         self._abandoned = False
         self._done = threading.Event()
         self.ws: ClientConnection | None = None
-        self.welcome: Welcome | None = None
+        self.welcome: protocol.Welcome | None = None
         self.error: BaseException | None = None
         threading.Thread(target=self._run, name="trimtab-connect", daemon=True).start()
 
@@ -101,12 +94,12 @@ class Handshake:
         finally:
             self._done.set()
 
-    def _greet(self, ws: ClientConnection) -> Welcome:
+    def _greet(self, ws: ClientConnection) -> protocol.Welcome:
         ws.send(self._hello)
         raw = ws.recv(timeout=self._opts.connect_timeout)
-        frame = protocol.decode_map(raw.encode() if isinstance(raw, str) else raw)
-        if frame["t"] == protocol.ERROR:
-            raise RemoteError(str(frame.get("code")), str(frame.get("message")))
-        if frame["t"] != protocol.WELCOME:
-            raise RemoteError("bad_frame", f"expected welcome, got {frame['t']!r}")
-        return Welcome(run_id=int(frame["run_id"]), acked_seq=int(frame["acked_seq"]))
+        frame = protocol.decode_server_frame(raw.encode() if isinstance(raw, str) else raw)
+        if isinstance(frame, protocol.ServerError):
+            raise RemoteError(frame.code, frame.message)
+        if not isinstance(frame, protocol.Welcome):
+            raise RemoteError("bad_frame", f"expected welcome, got {type(frame).__name__.lower()}")
+        return frame

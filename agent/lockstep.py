@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from trimtab.control import Command
+from trimtab.protocol import Command
 
 
 class Lockstep:

@@ -1,8 +1,12 @@
-"""The agent's own cost, measured on the training thread, as a share of the step time."""
+"""The agent's own cost, measured on the training thread, as a share of the step time, and
+the governor that samples less when it is over budget."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+MAX_SAMPLE_EVERY = 1 << 20
 
 
 @dataclass
@@ -49,3 +53,53 @@ class OverheadMeter:
         self.total, self.plain = Window(), Window()
         self.reports += 1
         return result
+
+
+@dataclass(frozen=True)
+class Change:
+    """What the governor decided: the new cadence, and what to tell the user."""
+
+    sample_every: int
+    per_param: bool
+    action: str
+    budget_pct: float
+
+    def event(self, overall: float, plain: float | None) -> dict[str, Any]:
+        """The ``overhead_governor`` event's data."""
+        return {
+            "overhead_pct": overall,
+            "every_step_overhead_pct": plain,
+            "budget_pct": self.budget_pct,
+            "action": self.action,
+            "sample_every": self.sample_every,
+            "per_param_grad_norms": self.per_param,
+        }
+
+
+class Governor:
+    """Past its budget the agent samples less: first per-parameter gradient norms go to
+    sampled steps when the every-step work alone is over budget, else ``sample_every``
+    doubles. The first window holds warm-up costs: judged from the second report on."""
+
+    def __init__(self, budget: float | None) -> None:
+        self.budget = budget  # a fraction of the step time; None: never act
+        self._said_none_left = False
+
+    def decide(
+        self, overall: float, plain: float | None, reports: int, per_param: bool, sample_every: int
+    ) -> Change | None:
+        if self.budget is None:
+            return None  # governor off: the cadence stays as configured
+        budget = 100.0 * self.budget
+        if reports < 2 or overall <= budget:
+            return None
+        if plain is not None and plain > budget:
+            if per_param:
+                return Change(sample_every, False, "per-parameter gradient norms now only on sampled steps", budget)
+            if self._said_none_left:
+                return None
+            self._said_none_left = True  # sampling less would not help: say so once
+            return Change(sample_every, per_param, "none left: the every-step work alone is over budget", budget)
+        if sample_every < MAX_SAMPLE_EVERY:
+            return Change(2 * sample_every, per_param, f"sampling every {2 * sample_every} steps", budget)
+        return None

@@ -1,4 +1,5 @@
-"""Where a NaN or Inf came from, found only on the step where it appeared.
+"""Where a NaN or Inf came from, found only on the step where it appeared, and the
+``nonfinite`` event that says so (:func:`nonfinite_report`).
 
 Healthy steps pay nothing here. When a step's loss or gradient norm is non-finite, the
 watcher calls :func:`replay_forward` with that step's inputs (captured by reference by a
@@ -12,6 +13,7 @@ replay leaves no trace on training.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -102,3 +104,83 @@ def replay_forward(model: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[st
         return result
     result.update(where, finite=False, inputs_finite="born" in found, micro_batch=replayed - 1)
     return result
+
+
+MAX_LISTED_PARAMS = 20
+
+
+def replay_safe(model: nn.Module) -> bool:
+    """False for models whose forward runs collectives (FSDP, DTensor parameters): replaying it
+    on the ranks that saw a NaN alone would hang the job."""
+    sharded = ("FullyShardedDataParallel", "FSDPModule")
+    if any(cls.__name__ in sharded for m in model.modules() for cls in type(m).__mro__):
+        return False
+    return not any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def nonfinite_report(
+    model: nn.Module,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    forward_rank: dict[str, int],
+    *,
+    replay: bool,
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    live: bool,
+    loss: float | None,
+    total: float | None,
+    grad_index: list[int],
+    norms: Sequence[float],
+) -> dict[str, Any]:
+    """The ``nonfinite`` event's data for a step whose loss or total gradient norm read back
+    non-finite: the first parameter (in backward order) whose gradient did, the replay's first
+    module, and the verdict ``source``. ``live``: read back within its own ``run.step``, so
+    gradients and weights are as they were (always so on the CPU). ``forward_rank``: module
+    name -> position in the forward pass, learnt from the activation hooks."""
+    data: dict[str, Any] = {"loss": loss, "grad_norm_total": total}
+    bad = [i for i, v in zip(grad_index, norms, strict=False) if not math.isfinite(v)]
+    bad.sort(key=lambda i: _backward_position(names[i], i, forward_rank))
+    if bad:
+        first = bad[0]
+        grad = params[first].grad
+        summary = tensor_summary(grad) if live and grad is not None else {}
+        data["backward"] = {"param": names[first], "grad": summary}
+        data["nonfinite_params"] = [names[i] for i in bad[:MAX_LISTED_PARAMS]]
+        data["n_nonfinite_params"] = len(bad)
+    forward: dict[str, Any] = {"replayed": False}
+    if not live and not all_finite(params):
+        # On a GPU the values land after the optimizer stepped: it has spread the NaN into
+        # the weights, and a replay would blame whichever layer runs first.
+        forward["reason"] = "weights are non-finite since the optimizer step"
+        data["weights_finite"] = False
+    elif not replay:
+        forward["reason"] = "replay is off for this model (sharded parameters or replay_on_nonfinite=False)"
+    elif inputs:
+        data["batch_finite"] = all_finite(inputs)
+        try:
+            forward = replay_forward(model, inputs)
+            forward["weights_updated_since"] = not live
+        except Exception as exc:
+            forward = {"replayed": False, "error": repr(exc)[:500]}
+    else:
+        forward["reason"] = "no inputs kept: the watched module's own forward was not called this step"
+    data["forward"] = forward
+    data["module"] = forward.get("module")
+    data["param"] = data.get("backward", {}).get("param")
+    if data.get("batch_finite") is False:
+        data["source"] = "batch"  # the inputs themselves held NaN/Inf
+    elif data["module"] is not None or (loss is not None and not math.isfinite(loss)):
+        data["source"] = "forward"
+    elif bad or (total is not None and not math.isfinite(total)):
+        data["source"] = "backward"  # per-parameter norms may be off on this step: the total tells
+    else:
+        data["source"] = "unknown"
+    return data
+
+
+def _backward_position(name: str, i: int, forward_rank: dict[str, int]) -> tuple[int, int]:
+    """Sort key: gradients are produced in reverse forward order; unknown modules go by
+    reverse registration order."""
+    module = name.rsplit(".", 1)[0] if "." in name else "model"
+    rank = forward_rank.get(module)
+    return (0, -rank) if rank is not None else (1, -i)

@@ -6,30 +6,35 @@ import atexit
 import dataclasses
 import logging
 import os
-import sys
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from trimtab import internal
-from trimtab.buffer import Buffer, Drops
-from trimtab.control import BUILTIN, Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
+from trimtab.buffer import Buffer, Drops, is_integral, to_number
+from trimtab.control import Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
 from trimtab.jsonsafe import to_json
 from trimtab.options import Options
-from trimtab.protocol import MAX_NAME_LENGTH, MAX_PROJECT_LENGTH, event_entry, histogram_entry
+from trimtab.orphans import replay_orphans
+from trimtab.protocol import (
+    APPLIED,
+    BUILTIN_COMMANDS,
+    EVENT_COMMAND,
+    MAX_NAME_LENGTH,
+    MAX_PROJECT_LENGTH,
+)
+from trimtab.ranks import lockstep_for, run_uid
+from trimtab.run_sink import RunSink
 from trimtab.sender import BYE_WAIT, OFFLINE_FINISH_GRACE, Identity, Sender
 from trimtab.session import Session
-from trimtab.spool import Spool, SpoolLocked, orphaned_runs
+from trimtab.spool import Spool, SpoolLocked
 from trimtab.version import __version__
 
 if TYPE_CHECKING:
     from trimtab.autopilot import Autopilot
-    from trimtab.lockstep import Lockstep
     from trimtab.watch import Watcher
 
 logger = logging.getLogger("trimtab")
@@ -46,7 +51,7 @@ class Run:
 
     def __init__(self, opts: Options) -> None:
         self.options = opts
-        self.uid = _run_uid(opts)
+        self.uid = run_uid(opts)
         self._pid = os.getpid()
         self._closed = False
         self._next_step = 0
@@ -67,8 +72,8 @@ class Run:
             world_size=opts.world_size,
         )
         self._control = Controller(on_result=self._command_event)
-        self._control.lockstep = _lockstep(opts, self.uid)
-        self._control.configure_autopilot = self._configure_autopilot
+        self._control.use_lockstep(lockstep_for(opts, self.uid))
+        self._control.on_autopilot_policy(self._configure_autopilot)
         self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
@@ -85,7 +90,9 @@ class Run:
         self._sender.start()
         self._scan: threading.Thread | None = None
         if opts.replay_orphans and opts.spool_path is not None:
-            self._scan = threading.Thread(target=self._replay_orphans, name="trimtab-replay", daemon=True)
+            self._scan = threading.Thread(
+                target=replay_orphans, args=(opts, self.uid, self._replays.append), name="trimtab-replay", daemon=True
+            )
             self._scan.start()
         _live_runs.add(self)
         atexit.register(_finish_at_exit, weakref.ref(self))
@@ -114,7 +121,7 @@ class Run:
             if step is None:
                 step = self._next_step if self._train_step is None else self._train_step
             elif type(step) is not int:
-                if not _is_integral(step):
+                if not is_integral(step):
                     self.drops.add("bad_step", len(data))
                     self._warn_once("step", f"step must be an int, got {type(step).__name__}; points dropped")
                     return
@@ -191,8 +198,7 @@ class Run:
                 optimizer = None
             next_step = 0 if self._train_step is None else self._train_step + 1
             self._watcher = Watcher(self._sink, model, optimizer, scheduler, scaler, opts, next_step)
-            self._control.target = Target(model, optimizer, scheduler, scaler)
-            self._control.snapshots = snapshots
+            self._control.attach(Target(model, optimizer, scheduler, scaler), snapshots)
             if optimizer is not None:
                 wrap_optimizer_step(optimizer, self._control)
         except Exception as exc:
@@ -207,8 +213,7 @@ class Run:
                 watcher.close()
             except Exception as exc:
                 internal.report("Run.unwatch", exc)
-        target, self._control.target = self._control.target, Target()
-        self._control.snapshots = None
+        target = self._control.detach()
         if target.optimizer is not None:
             try:
                 unwrap_optimizer_step(target.optimizer)
@@ -220,21 +225,21 @@ class Run:
         """Run ``handler(args)`` on the training thread, at a step boundary, when a command of
         ``kind`` arrives; its return value (JSON-safe) goes back with the acknowledgement. If it
         raises, the command is rejected with the error and training goes on."""
-        if not isinstance(kind, str) or not kind or kind in BUILTIN:
-            raise ValueError(f"on_command: {kind!r} is empty or a built-in command ({', '.join(BUILTIN)})")
+        if not isinstance(kind, str) or not kind or kind in BUILTIN_COMMANDS:
+            raise ValueError(f"on_command: {kind!r} is empty or a built-in command ({', '.join(BUILTIN_COMMANDS)})")
         if not callable(handler):
             raise TypeError("on_command: handler must be callable")
-        self._control.handlers[kind] = handler
+        self._control.add_handler(kind, handler)
 
     def on_checkpoint(self, handler: Callable[[int], Any]) -> None:
         """``handler(step)`` saves a checkpoint: run by the ``checkpoint`` command and before
         ``stop`` takes effect."""
-        self._control.checkpoint_handlers.append(handler)
+        self._control.add_checkpoint_handler(handler)
 
     def on_rollback(self, handler: Callable[[int], Any]) -> None:
         """``handler(restored_step)`` after a ``rollback``: move your data position (see
         docs/commands.md); the model, optimizer, scheduler and RNG are already restored."""
-        self._control.rollback_handlers.append(handler)
+        self._control.add_rollback_handler(handler)
 
     def autopilot(self, enabled: bool = True, **options: Any) -> None:
         """Let the agent act on its own at step boundaries: reject the update of a non-finite
@@ -272,8 +277,7 @@ class Run:
     def should_skip(self) -> bool:
         """True when this step's update must not be applied (``skip_batches``, ``rollback``).
         Only needed by loops that do not give their optimizer to ``run.watch``."""
-        self._control.should_skip_used = True
-        return self._control.skip_now
+        return self._control.asked_to_skip()
 
     def step(
         self, loss: Any = None, *, step: int | None = None, batch_size: int | None = None, tokens: int | None = None
@@ -290,7 +294,7 @@ class Run:
                 return
             if step is None:
                 step = 0 if self._train_step is None else self._train_step + 1
-            elif not _is_integral(step):
+            elif not is_integral(step):
                 self._warn_once("step", f"step must be an int, got {type(step).__name__}; step ignored")
                 return
             step = int(step)
@@ -399,8 +403,8 @@ class Run:
 
     # ------------------------------------------------------------------ internals
     @property
-    def _sink(self) -> _Sink:
-        return _Sink(self)
+    def _sink(self) -> RunSink:
+        return RunSink(self)
 
     def _put_scalars(self, step: int, wall: float, record: dict[str, Any]) -> None:
         if not self._buffer.put((step, wall, record)):
@@ -410,7 +414,7 @@ class Run:
     def _sanitize(self, data: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in data.items():
-            converted = _to_number(value)
+            converted = to_number(value)
             if converted is None:
                 self.drops.add("bad_value")
                 self._warn_once(
@@ -422,8 +426,8 @@ class Run:
 
     def _command_event(self, result: dict[str, Any]) -> None:
         """Every final command result is also an event in the run's stream (chart markers)."""
-        level = "info" if result.get("status") == "applied" else "warning"
-        self._sink.emit_event("command", result.get("step"), dict(result), level)
+        level = "info" if result.get("status") == APPLIED else "warning"
+        self._sink.emit_event(EVENT_COMMAND, result.get("step"), dict(result), level)
         step = result.get("step")
         if (result.get("detail") or {}).get("source") == "autopilot" and isinstance(step, int):
             # A scalar as well, so the shipped `autopilot-acted` rule alerts on automatic actions.
@@ -455,165 +459,10 @@ class Run:
         logger.warning("trimtab: the run %s is longer than %d characters; truncated", what, limit)
         return text[:limit]
 
-    def _replay_orphans(self) -> None:
-        root = self.options.spool_path
-        assert root is not None
-        try:
-            orphans = list(orphaned_runs(root, exclude=self.uid))
-        except OSError as exc:
-            logger.warning("trimtab: cannot scan the spool %s for earlier runs: %s", root, exc)
-            return
-        for path in orphans:
-            try:
-                self._start_replay(path)
-            except Exception as exc:  # one damaged spool must not stop the others
-                logger.warning("trimtab: cannot replay the spool %s: %s", path, exc)
-
-    def _start_replay(self, path: Path) -> None:
-        meta = Spool.read_meta(path)
-        if meta is None or meta.get("server") != self.options.server:
-            return
-        fields = {f.name for f in dataclasses.fields(Identity)}
-        identity = Identity(**{k: v for k, v in meta.items() if k in fields})
-        try:
-            spool = Spool(path)
-        except SpoolLocked:
-            return  # another process got there first
-        try:
-            records = list(spool.recover())
-        except Exception:
-            spool.close(remove_if_empty=False)
-            raise
-        if not records:
-            spool.close()
-            return
-        session = Session(next_seq=records[-1][0] + 1, window=self.options.window)
-        for seq, location in records:
-            session.add(seq, None, location)
-        logger.info("trimtab: replaying %d spooled batches of run %s", len(records), identity.uid)
-        replay = Sender(self.options, identity, session, spool, Drops())
-        self._replays.append(replay)
-        replay.start()
-
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
             self._warned.add(topic)
             logger.warning("trimtab: %s", message)
-
-
-class _Sink:
-    """What the watcher writes through: records go straight to the buffer, histograms to a
-    bounded queue, events to one that never drops."""
-
-    def __init__(self, run: Run) -> None:
-        self._run = run
-        self.rank = run.identity.rank
-
-    def emit_scalars(self, step: int, wall: float, record: dict[str, float]) -> None:
-        if record and not self._run._closed:
-            self._run._put_scalars(step, wall, record)
-
-    def emit_histogram(self, key: str, step: int, wall: float, counts: list[int], lo: float, width: float) -> None:
-        from array import array
-
-        from trimtab.histogram import to_host
-
-        run = self._run
-        if run._closed:
-            return
-        bins = len(counts) - 3
-        h = to_host(counts, lo, width, bins)
-        entry = histogram_entry(key, step, wall, array("d", h.edges), array("q", h.counts), h.nan, h.pinf, h.ninf)
-        if not run._buffer.put_histogram(entry):
-            run.drops.add("histogram_queue_full")
-            run._warn_once("hqueue", "histogram queue is full (the sender cannot keep up); histograms dropped")
-
-    def emit_event(self, kind: str, step: int | None, data: dict[str, Any], level: str = "info") -> None:
-        if not self._run._closed:
-            self._run._buffer.put_event(event_entry(kind, step, time.time(), to_json(data), level))
-
-    def warn_once(self, topic: str, message: str) -> None:
-        self._run._warn_once(topic, message)
-
-
-_dist_inits = 0
-
-
-def _run_uid(opts: Options) -> str:
-    """The given uid; else, in a torch.distributed job, the one rank 0 publishes in the job's
-    store (ranks wait up to ``rank_sync_timeout``); else a fresh one."""
-    if opts.run_uid:
-        return str(opts.run_uid)[:64]
-    fresh = uuid.uuid4().hex
-    if opts.world_size <= 1 or "torch" not in sys.modules:
-        return fresh
-    try:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            logger.warning(
-                "trimtab: world_size is %d but torch.distributed is not initialised: each rank gets its own run. "
-                "Call trimtab.init after init_process_group, or give every rank the same run_uid.",
-                opts.world_size,
-            )
-            return fresh
-        from datetime import timedelta
-
-        store = dist.distributed_c10d._get_default_store()
-        # Every rank calls init the same number of times: the count keeps a later run of the
-        # same job from joining an earlier one's uid.
-        global _dist_inits
-        _dist_inits += 1
-        key = f"trimtab/run_uid/{_dist_inits}"
-        if opts.rank == 0:
-            store.set(key, fresh)
-            return fresh
-        store.wait([key], timedelta(seconds=opts.rank_sync_timeout))
-        return bytes(store.get(key)).decode()
-    except Exception as exc:
-        logger.warning("trimtab: could not agree on a run id with rank 0 (%s); this rank gets its own run", exc)
-        return fresh
-
-
-def _lockstep(opts: Options, uid: str) -> Lockstep | None:
-    """Same-step commands on every rank of a torch.distributed job (see lockstep.py)."""
-    if opts.world_size <= 1 or "torch" not in sys.modules:
-        return None
-    try:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        from trimtab.lockstep import Lockstep
-
-        return Lockstep(dist.distributed_c10d._get_default_store(), f"trimtab/cmds/{uid}", opts.rank)
-    except Exception as exc:
-        logger.warning("trimtab: no process-group store (%s): each rank applies commands when it gets them", exc)
-        return None
-
-
-def _to_number(value: Any) -> Any:
-    """A float, or a 1-element accelerator tensor to be read by the sender thread; None if not a number."""
-    if isinstance(value, (bool, int, float)):
-        return float(value)
-    if type(value).__module__.startswith("torch"):
-        try:
-            if value.is_cpu:
-                return float(value)  # no device to wait for; raises unless it has one element
-            return value.detach() if value.numel() == 1 else None  # read later, off this thread
-        except Exception:
-            return None
-    try:
-        return float(value)  # numpy scalars and anything else with __float__
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_integral(step: Any) -> bool:
-    try:
-        return not isinstance(step, bool) and int(step) == step
-    except (TypeError, ValueError, OverflowError):
-        return False
 
 
 def _finish_at_exit(ref: weakref.ref[Run]) -> None:

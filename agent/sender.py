@@ -25,7 +25,7 @@ from websockets.sync.client import ClientConnection
 from trimtab import internal, protocol
 from trimtab.buffer import Buffer, Chunk, Drops
 from trimtab.control import Controller
-from trimtab.handshake import Handshake, Welcome
+from trimtab.handshake import Handshake
 from trimtab.options import Options
 from trimtab.session import Pending, Session
 from trimtab.spool import Spool
@@ -271,7 +271,7 @@ class Sender:
             )
         )
 
-    def _on_connected(self, ws: ClientConnection, welcome: Welcome) -> None:
+    def _on_connected(self, ws: ClientConnection, welcome: protocol.Welcome) -> None:
         self._ws = ws
         self._backoff.reset()
         self._warned.discard("connect")
@@ -339,33 +339,35 @@ class Sender:
                 return
             if isinstance(raw, str):
                 raw = raw.encode()
-            self._handle(protocol.decode_map(raw))
+            try:
+                frame = protocol.decode_server_frame(raw)
+            except protocol.ProtocolError as exc:  # a newer server's frame, or a broken one: go on
+                self._warn_once(f"frame-{exc.code.value}", f"ignoring a frame from the server: {exc.message}")
+            else:
+                self._handle(frame)
             timeout = 0.0  # drain what is already here, then go back to batching
 
-    def _handle(self, frame: dict[str, Any]) -> None:
-        kind = frame["t"]
-        if kind == protocol.ACK:
-            seq = int(frame["seq"])
-            pending = self.session.on_ack(seq)
+    def _handle(self, frame: protocol.ServerFrame) -> None:
+        if isinstance(frame, protocol.Ack):
+            pending = self.session.on_ack(frame.seq)
             if pending is not None:
-                self._spool_acked(seq, pending)
-        elif kind == protocol.ERROR:
-            code, message, rejected = frame.get("code"), frame.get("message"), frame.get("seq")
-            if isinstance(rejected, int):
-                pending = self.session.on_reject(rejected)
+                self._spool_acked(frame.seq, pending)
+        elif isinstance(frame, protocol.ServerError):
+            if frame.seq is not None:
+                pending = self.session.on_reject(frame.seq)
                 if pending is not None:
-                    self._spool_acked(rejected, pending)
+                    self._spool_acked(frame.seq, pending)
                     self.drops.add("rejected_batches")
-                logger.error("trimtab: server rejected batch %s: %s (%s)", rejected, message, code)
+                logger.error("trimtab: server rejected batch %s: %s (%s)", frame.seq, frame.message, frame.code)
             else:
-                logger.warning("trimtab: server error %s: %s", code, message)
-        elif kind == protocol.CMD:
+                logger.warning("trimtab: server error %s: %s", frame.code, frame.message)
+        elif isinstance(frame, protocol.Command):
             if self.control is None:  # an orphan replay: the live run's sender takes commands
                 return
             self.control.receive(frame)  # queued for the training thread; "delivered" goes out now
             self._send_results()
-        else:
-            self._warn_once(f"frame-{kind}", f"ignoring unknown frame type {kind!r} from the server")
+        else:  # a welcome after the handshake
+            self._warn_once("frame-welcome", "ignoring a second welcome from the server")
 
     def _spool_acked(self, seq: int, pending: Pending) -> None:
         if self.spool is not None and pending.location is not None:

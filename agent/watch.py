@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,18 +31,17 @@ from torch import nn
 
 from trimtab.activations import STATS, ActivationProbe, default_modules
 from trimtab.histogram import Summary, histogrammable, summarize
-from trimtab.overhead import OverheadMeter
-from trimtab.provenance import all_finite, replay_forward, tensor_summary
+from trimtab.overhead import Governor, OverheadMeter
+from trimtab.protocol import EVENT_NONFINITE, EVENT_OVERHEAD_GOVERNOR
+from trimtab.provenance import nonfinite_report, replay_safe
 from trimtab.transfer import Transfers
+from trimtab.update_ratio import UpdateRatios
+from trimtab.watch_options import WatchOptions as WatchOptions  # re-exported: trimtab.watch.WatchOptions
 
 if TYPE_CHECKING:
     from torch.optim import Optimizer
 
 logger = logging.getLogger("trimtab")
-
-MAX_SAMPLE_EVERY = 1 << 20
-UPDATE_SAMPLE = 4096  # elements per parameter the update ratio is estimated from
-MAX_LISTED_PARAMS = 20
 
 
 class Sink(Protocol):
@@ -54,41 +53,6 @@ class Sink(Protocol):
     def emit_histogram(self, key: str, step: int, wall: float, summary: list[int], lo: float, width: float) -> None: ...
     def emit_event(self, kind: str, step: int | None, data: dict[str, Any], level: str = "info") -> None: ...
     def warn_once(self, topic: str, message: str) -> None: ...
-
-
-@dataclass
-class WatchOptions:
-    """Cadence and switches of ``run.watch``; every one is a keyword argument of it."""
-
-    sample_every: int = 100  # weight norms, update ratios, histograms, activations
-    histograms: bool = True
-    activations: bool = True
-    update_ratio: bool = True
-    param_grad_norms: bool = True  # one grad_norm/<param> per parameter, every step
-    bins: int = 64
-    overhead_budget: float | None = 0.02  # fraction of step time; past it, sample less often (None: never)
-    batch_size: int | None = None  # samples per optimizer step, for throughput
-    tokens_per_step: int | None = None  # tokens per optimizer step, for throughput
-    all_ranks_histograms: bool = False  # by default only rank 0 sends histograms
-    activation_modules: Callable[[str, nn.Module], bool] | None = None  # default: leaf modules
-    replay_on_nonfinite: bool = True
-
-    def check(self) -> None:
-        for name in ("sample_every", "bins"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"run.watch: {name} must be a positive int, got {value!r}")
-        if self.bins > 4096:
-            raise ValueError(f"run.watch: bins must be at most 4096, got {self.bins}")
-        budget = self.overhead_budget
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1
-        ):
-            raise ValueError(f"run.watch: overhead_budget is a fraction in (0, 1] or None, got {budget!r}")
-        for name in ("batch_size", "tokens_per_step"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"run.watch: {name} must be a positive int or None, got {value!r}")
 
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -147,9 +111,9 @@ class Watcher:
             else None
         )
         self.transfers = Transfers()
-        self._replay_ok = opts.replay_on_nonfinite and _plain_module(model)
+        self._replay_ok = opts.replay_on_nonfinite and replay_safe(model)
         self.meter = OverheadMeter(report_every=opts.sample_every)
-        self._over_budget_said = False
+        self.governor = Governor(opts.overhead_budget)
         self._nan: dict[torch.device, torch.Tensor] = {}  # the "absent" entries of the step tensor
         self._norm_kwargs = _foreach_norm_kwargs()
         self._forward_rank: dict[str, int] = {}
@@ -158,12 +122,14 @@ class Watcher:
         self._last_step: int | None = None
         self._streak = 0
         self._inputs: list[Inputs] = []  # every grad-enabled forward since the last step
-        self._ratio: tuple[int, float, list[int], list[torch.Tensor | None], list[torch.Tensor]] | None = None
-        self._ratio_index: dict[int, torch.Tensor] = {}
         self._current: int | None = None  # the step run.step is handling, while it runs
         self._handles = [model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True)]
+        self.ratios: UpdateRatios | None = None
         if optimizer is not None and opts.update_ratio and self.params:
-            self._handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            self.ratios = UpdateRatios(
+                self.names, self.params, self.transfers, self.meter, sink.emit_scalars, sink.warn_once
+            )
+            self._handles.append(optimizer.register_step_post_hook(self.ratios.after_optimizer_step))
         if self.probe is not None and next_step % self.sample_every == 0:
             self.probe.arm()
 
@@ -171,31 +137,6 @@ class Watcher:
     def _capture_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if torch.is_grad_enabled() and len(self._inputs) < MAX_KEPT_INPUTS:
             self._inputs.append((args, kwargs))  # references only: kept for NaN provenance
-
-    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if self._ratio is None:
-            return
-        start = time.perf_counter()
-        try:
-            step, wall, index, picks, before = self._ratio
-            self._ratio = None
-            with torch.no_grad():
-                deltas, norms = [], []
-                for i, pick, old in zip(index, picks, before, strict=True):
-                    new = _pick(self.params[i], pick).float()
-                    deltas.append(torch.linalg.vector_norm(new - old))
-                    norms.append(torch.linalg.vector_norm(old))
-                device = deltas[0].device
-                packed = torch.stack(
-                    [torch.stack([d.to(device) for d in deltas]), torch.stack([n.to(device) for n in norms])]
-                )
-            self.transfers.submit([packed], lambda host: self._emit_ratios(step, wall, index, host[0]))
-        except Exception as exc:
-            self._ratio = None
-            self.sink.warn_once("ratio", f"update ratios are off: {exc!r}")
-            self.opts.update_ratio = False
-        finally:
-            self.meter.add(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ the step
     def step(self, loss: Any, step: int, batch_size: int | None, tokens: int | None) -> None:
@@ -214,8 +155,8 @@ class Watcher:
         wall_since = None if self._last_start is None else start - self._last_start
         self.meter.close_step(wall_since, self._last_sampled)
         self.transfers.poll()
-        if self._ratio is not None:  # the optimizer did not step after the sampled step (AMP skip)
-            self._ratio = None
+        if self.ratios is not None:  # whatever a sampled step captured, its optimizer step is over
+            self.ratios.forget()
         sampled = step % self.sample_every == 0
         self._last_sampled = sampled
         wall = time.time()
@@ -381,35 +322,10 @@ class Watcher:
                 layout["hists"] = (len(tensors), hist_keys)
                 tensors.append(torch.stack([s.counts.to(dev) for s in summaries]))
                 tensors.append(torch.stack([s.span.to(dev, span_dtype) for s in summaries]))
-            if self.opts.update_ratio and self.params and self.optimizer is not None:
-                self._capture_before(step, wall)
+            if self.ratios is not None:
+                self.ratios.capture(step, wall)
         if tensors:
             self.transfers.submit(tensors, lambda host: self._emit_sample(step, wall, layout, host))
-
-    def _capture_before(self, step: int, wall: float) -> None:
-        index, picks, before = [], [], []
-        for i, p in enumerate(self.params):
-            if p.is_complex() or not p.is_floating_point() or p.numel() == 0:
-                continue
-            pick = self._ratio_pick(i, p)
-            index.append(i)
-            picks.append(pick)
-            before.append(_pick(p, pick).float().clone())
-        if index:
-            self._ratio = (step, wall, index, picks, before)
-
-    def _ratio_pick(self, i: int, p: torch.Tensor) -> torch.Tensor | None:
-        if p.numel() <= UPDATE_SAMPLE:
-            return None
-        pick = self._ratio_index.get(i)
-        if pick is None or pick.device != p.device:
-            gen = torch.Generator().manual_seed(i)
-            pick = torch.randint(p.numel(), (UPDATE_SAMPLE,), generator=gen)
-            if p.device.type == "cuda":  # a copy from pageable memory would synchronise (seen on an H200)
-                pick = pick.pin_memory()
-            pick = pick.to(p.device, non_blocking=True)
-            self._ratio_index[i] = pick
-        return pick
 
     # ------------------------------------------------------------------ emitting (host values)
     def _emit_step(self, info: StepInfo, values_t: torch.Tensor) -> None:
@@ -479,75 +395,29 @@ class Watcher:
             for key, counts, (lo, width) in zip(keys, host[at].tolist(), host[at + 1].tolist(), strict=True):
                 self.sink.emit_histogram(key, step, wall, counts, lo, width)
 
-    def _emit_ratios(self, step: int, wall: float, index: list[int], packed: torch.Tensor) -> None:
-        deltas, norms = packed.tolist()
-        record = {
-            f"update_ratio/{self.names[i]}": d / w
-            for i, d, w in zip(index, deltas, norms, strict=True)
-            if w > 0 and math.isfinite(w) and math.isfinite(d)
-        }
-        if record:
-            self.sink.emit_scalars(step, wall, record)
-
     # ------------------------------------------------------------------ NaN provenance
     def _provenance(self, info: StepInfo, loss: float | None, total: float | None, norms: Sequence[float]) -> None:
-        # Read back within its own run.step (always so on the CPU): gradients and weights are as they were.
-        live = info.step == self._current
-        data: dict[str, Any] = {"loss": loss, "grad_norm_total": total}
-        bad = [i for i, v in zip(info.grad_index, norms, strict=False) if not math.isfinite(v)]
-        bad.sort(key=self._backward_position)
-        if bad:
-            first = bad[0]
-            grad = self.params[first].grad
-            summary = tensor_summary(grad) if live and grad is not None else {}
-            data["backward"] = {"param": self.names[first], "grad": summary}
-            data["nonfinite_params"] = [self.names[i] for i in bad[:MAX_LISTED_PARAMS]]
-            data["n_nonfinite_params"] = len(bad)
-        forward: dict[str, Any] = {"replayed": False}
-        if not live and not all_finite(self.params):
-            # On a GPU the values land after the optimizer stepped: it has spread the NaN into
-            # the weights, and a replay would blame whichever layer runs first.
-            forward["reason"] = "weights are non-finite since the optimizer step"
-            data["weights_finite"] = False
-        elif not self._replay_ok:
-            forward["reason"] = "replay is off for this model (sharded parameters or replay_on_nonfinite=False)"
-        elif info.inputs:
-            data["batch_finite"] = all_finite(info.inputs)
-            try:
-                forward = replay_forward(self.model, info.inputs)
-                forward["weights_updated_since"] = not live
-            except Exception as exc:
-                forward = {"replayed": False, "error": repr(exc)[:500]}
-        else:
-            forward["reason"] = "no inputs kept: the watched module's own forward was not called this step"
-        data["forward"] = forward
-        module = forward.get("module")
-        param = data.get("backward", {}).get("param")
-        data["module"], data["param"] = module, param
-        if data.get("batch_finite") is False:
-            data["source"] = "batch"  # the inputs themselves held NaN/Inf
-        elif module is not None or (loss is not None and not math.isfinite(loss)):
-            data["source"] = "forward"
-        elif bad or (total is not None and not math.isfinite(total)):
-            data["source"] = "backward"  # per-parameter norms may be off on this step: the total tells
-        else:
-            data["source"] = "unknown"
-        self.sink.emit_event("nonfinite", info.step, data, level="error")
+        data = nonfinite_report(
+            self.model,
+            self.names,
+            self.params,
+            self._forward_rank,
+            replay=self._replay_ok,
+            inputs=info.inputs,
+            live=info.step == self._current,  # read back within its own run.step (always so on the CPU)
+            loss=loss,
+            total=total,
+            grad_index=info.grad_index,
+            norms=norms,
+        )
+        self.sink.emit_event(EVENT_NONFINITE, info.step, data, level="error")
         logger.warning(
             "trimtab: non-finite values at step %d (source: %s; first module: %s; first parameter gradient: %s)",
             info.step,
             data["source"],
-            module,
-            param,
+            data["module"],
+            data["param"],
         )
-
-    def _backward_position(self, i: int) -> tuple[int, int]:
-        """Sort key: gradients are produced in reverse forward order; unknown modules go by
-        reverse registration order."""
-        name = self.names[i]
-        module = name.rsplit(".", 1)[0] if "." in name else "model"
-        rank = self._forward_rank.get(module)
-        return (0, -rank) if rank is not None else (1, -i)
 
     # ------------------------------------------------------------------ governor
     def _report_overhead(self, step: int) -> None:
@@ -557,40 +427,15 @@ class Watcher:
         self.sink.emit_scalars(
             step, time.time(), {"agent/overhead_pct": overall, "agent/sample_every": self.sample_every}
         )
-        if self.opts.overhead_budget is None:
-            return  # governor off: the cadence stays as configured
-        budget = 100.0 * self.opts.overhead_budget
-        if self.meter.reports < 2 or overall <= budget:
-            return  # the first window holds warm-up costs: judge from the second on
-        if plain is not None and plain > budget:
-            if not self.per_param:
-                if self._over_budget_said:
-                    return
-                self._over_budget_said = True  # sampling less would not help: say so once
-                action = "none left: the every-step work alone is over budget"
-            else:
-                self.per_param = False
-                action = "per-parameter gradient norms now only on sampled steps"
-        elif self.sample_every < MAX_SAMPLE_EVERY:
-            self.sample_every *= 2
-            self.meter.report_every = self.sample_every
-            action = f"sampling every {self.sample_every} steps"
-        else:
+        change = self.governor.decide(overall, plain, self.meter.reports, self.per_param, self.sample_every)
+        if change is None:
             return
-        self.sink.emit_event(
-            "overhead_governor",
-            step,
-            {
-                "overhead_pct": overall,
-                "every_step_overhead_pct": plain,
-                "budget_pct": budget,
-                "action": action,
-                "sample_every": self.sample_every,
-                "per_param_grad_norms": self.per_param,
-            },
-            level="warning",
+        self.per_param, self.sample_every = change.per_param, change.sample_every
+        self.meter.report_every = self.sample_every
+        self.sink.emit_event(EVENT_OVERHEAD_GOVERNOR, step, change.event(overall, plain), level="warning")
+        logger.warning(
+            "trimtab: agent overhead %.2f%% is over the %.2f%% budget: %s", overall, change.budget_pct, change.action
         )
-        logger.warning("trimtab: agent overhead %.2f%% is over the %.2f%% budget: %s", overall, budget, action)
 
     # ------------------------------------------------------------------ end
     def close(self) -> None:
@@ -605,25 +450,11 @@ class Watcher:
                 self.probe.collect()
 
 
-def _plain_module(model: nn.Module) -> bool:
-    """False for models whose forward runs collectives (FSDP, DTensor parameters): replaying it
-    on the ranks that saw a NaN alone would hang the job."""
-    sharded = ("FullyShardedDataParallel", "FSDPModule")
-    if any(cls.__name__ in sharded for m in model.modules() for cls in type(m).__mro__):
-        return False
-    return not any(type(p).__name__ == "DTensor" for p in model.parameters())
-
-
 def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Complex tensors as real views (same norm): the float32 norm dtype needs real inputs."""
     if not any(t.is_complex() for t in tensors):
         return tensors
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-
-
-def _pick(p: torch.Tensor, pick: torch.Tensor | None) -> torch.Tensor:
-    flat = p.detach().reshape(-1)
-    return flat if pick is None else flat.index_select(0, pick)
 
 
 def _foreach_norm_kwargs() -> dict[str, Any]:

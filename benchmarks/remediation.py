@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import trimtab
+from trimtab.protocol import Command
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -98,9 +99,9 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
                     group["lr"] = 1e-3
             if arm == "human" and scenario != "healthy" and step == onset + HUMAN_DELAY:
                 before = (onset - 1) // 10 * 10
-                control.receive({"id": f"h{seed}", "kind": "rollback", "args": {"to_step": before}})
+                control.receive(Command(f"h{seed}", "rollback", {"to_step": before}))
                 if scenario == "high_lr":
-                    control.receive({"id": f"l{seed}", "kind": "set_lr", "args": {"lr": 1e-3}})
+                    control.receive(Command(f"l{seed}", "set_lr", {"lr": 1e-3}))
             with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from trimtab.protocol import EVENT_NONFINITE
+
 NONFINITE = "NaN/Inf"
 ALERT = "alerts"
 COMMAND = "commands"
@@ -26,7 +28,7 @@ def from_events(events: list[dict[str, Any]]) -> list[Marker]:
     """The non-finite events (one per streak), with where the NaN was born when the agent found it."""
     out = []
     for e in events:
-        if e.get("kind") != "nonfinite" or e.get("step") is None:
+        if e.get("kind") != EVENT_NONFINITE or e.get("step") is None:
             continue
         data = e.get("data") or {}
         lines = [f"<b>non-finite at step {e['step']}</b> (rank {escape(str(e.get('rank', 0)))})"]

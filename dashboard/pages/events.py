@@ -11,6 +11,7 @@ from trimtab.dashboard import markers
 from trimtab.dashboard.client import ApiError
 from trimtab.dashboard.common import client, error_box, run_page
 from trimtab.dashboard.figures import timeline_figure
+from trimtab.protocol import EVENT_NONFINITE
 
 REFRESH_MS = 2000
 
@@ -66,7 +67,7 @@ def register(app: Dash) -> None:
     def refresh(_: int | None, run_id: int) -> Any:
         api = client()
         try:
-            events = api.events(run_id, kind="nonfinite")
+            events = api.events(run_id, kind=EVENT_NONFINITE)
             alerts = api.alerts(run_id, limit=200)
             commands = api.commands(run_id, limit=100)
         except ApiError as exc:

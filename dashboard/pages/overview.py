@@ -17,6 +17,7 @@ from trimtab.dashboard import figures, markers
 from trimtab.dashboard.client import ApiClient, ApiError, Series
 from trimtab.dashboard.common import client, error_box, not_found, run_id_of, run_tabs
 from trimtab.dashboard.live import extension, has_nonfinite
+from trimtab.protocol import EVENT_NONFINITE
 
 TICK_MS = 1000
 VIEW_POINTS = 2000  # per series: what a chart a few thousand pixels wide can show
@@ -87,7 +88,7 @@ def _step(step: int | None) -> str:
 
 def fetch_markers(api: ApiClient, run_id: int) -> tuple[list[markers.Marker], str]:
     """The run's markers and a signature that changes whenever any of them does."""
-    events = api.events(run_id, kind="nonfinite")
+    events = api.events(run_id, kind=EVENT_NONFINITE)
     alerts = api.alerts(run_id, limit=200)
     commands = api.commands(run_id, limit=100)
     found = markers.from_events(events) + markers.from_alerts(alerts) + markers.from_commands(commands)

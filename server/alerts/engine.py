@@ -29,23 +29,22 @@ end-of-run resolution was missed or failed) and of runs not seen for ``stale_res
 
 from __future__ import annotations
 
-import heapq
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy import Connection, select
 
-from trimtab.detectors import CRITICAL, WARNING, RuleEvaluator, RuleSpec
-from trimtab.protocol import Batch, Event, ScalarSeries
-from trimtab.server.alerts import outbox
+from trimtab.detectors import RuleSpec
+from trimtab.protocol import EVENT_NONFINITE, Batch, Event, ScalarSeries
 from trimtab.server.alerts import store as db
+from trimtab.server.alerts.replay import restore_slot, stored_points
 from trimtab.server.alerts.rules import effective
 from trimtab.server.alerts.slots import EngineStats, Op, RunState, Slot, feed_point
+from trimtab.server.alerts.writer import AlertWriter
 from trimtab.server.db.store import Store
 from trimtab.server.db.tables import runs
 
@@ -129,6 +128,7 @@ class AlertEngine:
         self.stale_resolve_s = stale_resolve_s
         self.on_notify: Callable[[], None] | None = None  # called after a commit that queued notifications
         self.stats = EngineStats()
+        self.writer = AlertWriter(store, base_url, self.stats)
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._queued_points = 0
@@ -161,7 +161,7 @@ class AlertEngine:
                 run_id,
                 rank,
                 [s for s in batch.scalars if len(s)],
-                [e for e in batch.events if e.kind == "nonfinite" and e.step is not None],
+                [e for e in batch.events if e.kind == EVENT_NONFINITE and e.step is not None],
             )
             if not feed.scalars and not feed.nonfinite:
                 continue
@@ -270,35 +270,10 @@ class AlertEngine:
         history; what it finds before ``live_from`` (the first step of the data that made it,
         given when the run was already being evaluated here, so the slot is new because its
         rule is) was history before the rule: the alerts it opens are not notified."""
-        ident = (rank, spec.name, key)
-        slot = rs.slots.get(ident)
+        slot = rs.slots.get((rank, spec.name, key))
         if slot is not None:
             return slot
-        history = db.slot_history(conn, rs.run_id, rank, spec.name, key)
-        saved = db.load_state(conn, rs.run_id, rank, spec.name, key)
-        evaluator: RuleEvaluator | None = None
-        seen: dict[str, int | None] = {}
-        if saved is not None:
-            try:
-                evaluator = RuleEvaluator.restore(spec, key, saved["evaluator"])
-                seen = {str(k): None if v is None else int(v) for k, v in dict(saved["seen"]).items()}
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.info("alert engine: run %s %s on %r starts afresh (%s)", rs.run_id, spec.name, key, exc)
-                evaluator = None
-        fresh = evaluator is None
-        if evaluator is None:
-            evaluator = RuleEvaluator(spec, key)
-            seen = {}
-        slot = Slot(
-            rank=rank,
-            spec=spec,
-            key=key,
-            evaluator=evaluator,
-            seen={k: seen.get(k) for k in evaluator.keys},
-            open=history.open,
-            handled=history.handled_step,
-            dirty=True,
-        )
+        slot, fresh = restore_slot(conn, rs.run_id, rank, spec, key)
         rs.add(slot)
         self._replay(conn, rs, slot, ops, fresh=fresh, silent_before=live_from if fresh else None)
         return slot
@@ -312,20 +287,10 @@ class AlertEngine:
         fresh: bool = False,
         silent_before: int | None = None,
     ) -> None:
-        """Feed the slot the stored points it has not seen, in step order across its keys, read
-        forward in pages (only the newest ``replay_max_points`` per key for a fresh slot)."""
+        """Feed the slot the stored points it has not seen (only the newest
+        ``replay_max_points`` per key for a fresh slot)."""
         newest = self.replay_max_points if fresh else None
-        series = [
-            _tagged(
-                i,
-                key,
-                db.points_after(
-                    conn, rs.run_id, slot.rank, key, slot.seen[key], self.replay_page_points, newest=newest
-                ),
-            )
-            for i, key in enumerate(slot.evaluator.keys)
-        ]
-        for step, _, key, value in heapq.merge(*series):
+        for step, key, value in stored_points(conn, rs.run_id, slot, self.replay_page_points, newest):
             silent = silent_before is not None and step < silent_before
             feed_point(slot, key, step, value, ops, self.stats, silent=silent)
 
@@ -360,7 +325,7 @@ class AlertEngine:
             for slot in list(routed):
                 self._series(slot, s.key, s.steps, s.values, ops)
         provenance = [(rank, e.step, e.data) for e in item.nonfinite if e.step is not None]
-        self._write(rs, ops, provenance=provenance)
+        self._woke(self.writer.write(rs, ops, provenance=provenance))
 
     def _reload_if_stale(self, conn: Connection, rs: RunState, ops: list[Op]) -> None:
         if time.monotonic() - rs.rules_at > self.rules_ttl_s:
@@ -390,105 +355,7 @@ class AlertEngine:
             for slot in list(rs.slots.values()):
                 if slot.rank == rank:
                     self._replay(conn, rs, slot, ops)
-        self._write(rs, ops)
-
-    # ------------------------------------------------------------------ writing
-    def _write(self, rs: RunState, ops: list[Op], provenance: Sequence[tuple[int, int, Any]] = ()) -> None:
-        if not ops and not provenance:
-            return
-        notified = 0
-        with self.store.transaction() as conn:
-            now = time.time()
-            for op in ops:
-                notified += self._apply(conn, rs, op, now, provenance)
-            for rank, step, data in provenance:
-                db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
-        for op in ops:
-            if op.slot is not None:
-                op.slot.last_op = None
-        self._woke(notified)
-
-    def _apply(
-        self, conn: Connection, rs: RunState, op: Op, now: float, provenance: Sequence[tuple[int, int, Any]] = ()
-    ) -> int:
-        alert, found = op.alert, op.finding
-        if op.kind == "resolve":
-            if db.resolve(conn, alert.id, op.reason, now) and alert.notified:
-                return self._notify(conn, alert.id, "resolved")
-            return 0
-        assert found is not None and op.slot is not None
-        slot = op.slot
-        if op.kind != "open":
-            escalate = op.kind == "escalate"
-            announce = escalate and not op.silent  # news even for an alert that opened silently
-            # A silent alert (opened in cooldown, or by replayed history) that live findings
-            # keep firing is announced once no cooldown holds it back any more.
-            late = (
-                not alert.notified
-                and not escalate
-                and not op.silent
-                and not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
-            )
-            notified = alert.notified or announce or late
-            if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None):
-                alert.notified = notified
-                if escalate:
-                    alert.severity = CRITICAL
-                if announce or late:
-                    return self._notify(conn, alert.id, "escalated" if announce else "firing")
-                return 0
-        # Opening, or the alert is no longer firing: go by the slot's alert in the database
-        # (another replica may have resolved this one, or opened one meanwhile).
-        current = db.firing_alert(conn, rs.run_id, slot.rank, slot.spec.name, slot.key)
-        if current is not None and current.id != alert.id:
-            return self._fold_into(conn, op, current, now)
-        alert.notified = not op.silent and not db.in_cooldown(
-            conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now
-        )
-        alert.severity = found.severity
-        alert.id = db.open_alert(
-            conn,
-            run_id=rs.run_id,
-            project_id=rs.project_id,
-            rank=slot.rank,
-            rule=slot.spec.name,
-            key=slot.key,
-            remedy=slot.spec.remedy,
-            finding=found,
-            notified=alert.notified,
-            now=now,
-        )
-        self.stats.opened += 1
-        if not alert.notified:
-            return 0
-        for rank, step, data in provenance:  # before the payload is taken, so the first page has it
-            if rank == slot.rank:
-                db.add_provenance(conn, rs.run_id, rank, step, _provenance_body(data))
-        return self._notify(conn, alert.id, "firing")
-
-    def _fold_into(self, conn: Connection, op: Op, current: db.OpenAlert, now: float) -> int:
-        """Fold the op's finding into the slot's firing alert that another replica opened, and
-        make it the slot's alert in memory (the op's alert object is the slot's)."""
-        alert, found = op.alert, op.finding
-        assert found is not None
-        alert.id, alert.notified, alert.severity = current.id, current.notified, current.severity
-        if found.step <= current.last_step:  # that replica had this finding already
-            alert.last_step = max(alert.last_step, current.last_step)
-            return 0
-        escalate = current.severity == WARNING and found.severity == CRITICAL
-        announce = escalate and not op.silent
-        alert.last_step = max(alert.last_step, current.last_step)
-        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, CRITICAL if escalate else None):
-            return 0  # resolved again meanwhile: the next finding opens a new one
-        alert.notified = current.notified or announce
-        if escalate:
-            alert.severity = CRITICAL
-        return self._notify(conn, alert.id, "escalated") if announce else 0
-
-    def _notify(self, conn: Connection, alert_id: int, event: str) -> int:
-        queued = outbox.enqueue(conn, alert_id, event, db.payload_of(conn, alert_id, self.base_url))
-        self.stats.notifications += queued
-        return queued
+        self._woke(self.writer.write(rs, ops))
 
     def _woke(self, notified: int) -> None:
         if notified and self.on_notify is not None:
@@ -504,7 +371,7 @@ class AlertEngine:
             now = time.time()
             for alert_id, was_notified in db.firing_of_run(conn, run_id):
                 if db.resolve(conn, alert_id, db.RUN_FINISHED, now) and was_notified:
-                    notified += self._notify(conn, alert_id, "resolved")
+                    notified += self.writer.notify(conn, alert_id, "resolved")
         rs = self._runs.get(run_id)
         if rs is not None:
             for slot in rs.slots.values():
@@ -526,7 +393,7 @@ class AlertEngine:
                     if db.resolve(conn, alert_id, reason, now):
                         resolved.add(alert_id)
                         if was_notified:
-                            notified += self._notify(conn, alert_id, "resolved")
+                            notified += self.writer.notify(conn, alert_id, "resolved")
         except Exception:
             logger.exception("alert engine: resolving the alerts of ended runs failed; retrying at the next sweep")
             return
@@ -544,7 +411,7 @@ class AlertEngine:
             ops: list[Op] = []
             with self.store.transaction() as conn:
                 self._reload_rules(conn, rs, ops)
-            self._write(rs, ops)
+            self._woke(self.writer.write(rs, ops))
         with self.store.transaction() as conn:
             now = time.time()
             in_force: dict[int, set[str]] = {}
@@ -554,7 +421,7 @@ class AlertEngine:
                 if rule in in_force[run_id]:
                     continue
                 if db.resolve(conn, alert_id, db.RULE_REMOVED, now) and was_notified:
-                    notified += self._notify(conn, alert_id, "resolved")
+                    notified += self.writer.notify(conn, alert_id, "resolved")
         self._woke(notified)
 
     # ------------------------------------------------------------------ state
@@ -593,13 +460,3 @@ class AlertEngine:
             rs = self._runs[run_id]
             if not any(slot.dirty for slot in rs.slots.values()):
                 del self._runs[run_id]
-
-
-def _tagged(i: int, key: str, points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, int, str, float]]:
-    """Stored points as (step, key index, key, value), for merging several keys in step order."""
-    for step, value in points:
-        yield step, i, key, value
-
-
-def _provenance_body(data: Any) -> dict[str, Any]:
-    return data if isinstance(data, dict) else {"data": data}

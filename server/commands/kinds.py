@@ -206,6 +206,7 @@ def _no_args(kind: str) -> Callable[[Mapping[str, Any]], None]:
     return check
 
 
+# The server's check of each of protocol.BUILTIN_COMMANDS (tests/test_vocabulary.py pins the two equal).
 BUILTIN_KINDS: dict[str, Callable[[Mapping[str, Any]], None]] = {
     "reduce_lr": _reduce_lr,
     "set_lr": _set_lr,

@@ -23,14 +23,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.jsonsafe import to_json
-from trimtab.protocol import CmdResult
+from trimtab.protocol import APPLIED, DELIVERED, REJECTED, CmdResult
 from trimtab.server.commands.kinds import CommandRequest
 from trimtab.server.db.store import Store
 from trimtab.server.db.tables import commands, runs
 
 logger = logging.getLogger("trimtab.server")
 
-PENDING, DELIVERED, APPLIED, REJECTED, EXPIRED = "pending", "delivered", "applied", "rejected", "expired"
+PENDING, EXPIRED = "pending", "expired"  # the server's own; the agent reports the others
 STATUSES = (PENDING, DELIVERED, APPLIED, REJECTED, EXPIRED)
 OPEN = (PENDING, DELIVERED)
 FINAL = frozenset({APPLIED, REJECTED, EXPIRED})

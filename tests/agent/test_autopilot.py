@@ -15,6 +15,7 @@ from torch import nn
 
 import trimtab
 from tests.helpers import free_port
+from trimtab.protocol import Command
 
 
 @pytest.fixture
@@ -135,13 +136,13 @@ def test_a_policy_from_the_server_turns_it_on_and_off(run: trimtab.Run) -> None:
     model, opt = task()
     run.watch(model, opt, sample_every=1000)
     control = run._control  # as the sender hands over a cmd frame
-    control.receive({"id": "p1", "kind": "set_autopilot", "args": {"enabled": True, "spike_z": 30.0}})
-    control.receive({"id": "p2", "kind": "set_autopilot", "args": {"sneaky": 1}})
+    control.receive(Command("p1", "set_autopilot", {"enabled": True, "spike_z": 30.0}))
+    control.receive(Command("p2", "set_autopilot", {"sneaky": 1}))
     train(run, model, opt, range(3))
     p1, p2 = [h for h in run.command_history() if h["id"] in ("p1", "p2")]
     assert p1["status"] == "applied" and run._autopilot is not None and run._autopilot.opts.spike_z == 30.0
     assert p2["status"] == "rejected" and "unknown option(s) sneaky" in p2["detail"]["reason"]
-    control.receive({"id": "p3", "kind": "set_autopilot", "args": {"enabled": False}})
+    control.receive(Command("p3", "set_autopilot", {"enabled": False}))
     train(run, model, opt, range(3, 4))
     assert run._autopilot is None
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from trimtab.control import Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
+from trimtab.protocol import Command
 from trimtab.snapshots import Snapshots
 
 
@@ -34,8 +35,8 @@ def train_step(model: nn.Linear, opt: torch.optim.Optimizer, control: Controller
     opt.zero_grad()
 
 
-def cmd(ident: str, kind: str, **args: Any) -> dict[str, Any]:
-    return {"t": "cmd", "id": ident, "kind": kind, "args": args}
+def cmd(ident: str, kind: str, **args: Any) -> Command:
+    return Command(ident, kind, args)  # a decoded cmd frame, as the sender hands it over
 
 
 def test_delivered_at_once_applied_at_the_next_boundary_and_once_only() -> None:
@@ -339,3 +340,12 @@ def test_rollback_and_an_autopilot_drop_at_one_boundary_drop_one_update() -> Non
     after_rollback = [p.detach().clone() for p in model.parameters()]
     train_step(model, opt, control, 8)  # the next step trains again
     assert not all(torch.equal(a, b) for a, b in zip(after_rollback, model.parameters(), strict=True))
+
+
+def test_a_malformed_command_is_rejected_with_its_reason_and_never_applied() -> None:
+    model, opt, control, finals = setup()
+    control.receive(Command("m", "", {}, problem="malformed command: kind must be a string, args a map"))
+    (result,) = control.take_outgoing()
+    assert result["status"] == "rejected" and "malformed command" in result["detail"]["reason"]
+    train_step(model, opt, control, 0)
+    assert control.take_outgoing() == [] and finals == [] and opt.param_groups[0]["lr"] == 0.1

@@ -24,7 +24,7 @@ import trimtab
 from tests.agent.test_cuda_sync import no_sync
 from tests.helpers import free_port
 from trimtab.histogram import _device, _host
-from trimtab.protocol import unpack_array
+from trimtab.protocol import Command, unpack_array
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -75,8 +75,8 @@ def events(run: trimtab.Run, kind: str) -> list[dict[str, Any]]:
     return [e for e in run._buffer._events if e.get("kind") == kind]
 
 
-def cmd(ident: str, kind: str, **args: Any) -> dict[str, Any]:
-    return {"t": "cmd", "id": ident, "kind": kind, "args": args}
+def cmd(ident: str, kind: str, **args: Any) -> Command:
+    return Command(ident, kind, args)  # a decoded cmd frame, as the sender hands it over
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

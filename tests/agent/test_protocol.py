@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 from array import array
+from typing import Any
 
 import msgpack
 import pytest
@@ -233,3 +234,41 @@ def test_histograms_at_the_limits_are_accepted() -> None:
     assert isinstance(flat, Batch) and list(flat.histograms[0].edges) == [2.0, 2.0, 2.0]
     empty = protocol.decode_agent_frame(_histogram_frame([0.0], []))
     assert isinstance(empty, Batch) and list(empty.histograms[0].counts) == []
+
+
+def test_server_frames_decode_into_typed_frames() -> None:
+    def back(frame: dict[str, Any]) -> protocol.ServerFrame:
+        return protocol.decode_server_frame(protocol.encode(frame))
+
+    assert back(protocol.welcome_frame(7, 41)) == protocol.Welcome(run_id=7, acked_seq=41)
+    assert back(protocol.ack_frame(42)) == protocol.Ack(seq=42)
+    assert back(protocol.cmd_frame("c1", "reduce_lr", {"factor": 0.5})) == protocol.Command(
+        "c1", "reduce_lr", {"factor": 0.5}
+    )
+    error = back(protocol.error_frame(ErrorCode.INVALID_BATCH, "bad batch", seq=9))
+    assert error == protocol.ServerError("invalid_batch", "bad batch", 9)
+    assert back(protocol.error_frame(ErrorCode.UNAUTHORIZED, "no")) == protocol.ServerError("unauthorized", "no")
+
+
+def test_a_malformed_command_keeps_its_id_so_it_can_be_rejected() -> None:
+    frame = protocol.decode_server_frame(protocol.encode({"t": "cmd", "id": "c2", "kind": 5, "args": []}))
+    assert isinstance(frame, protocol.Command) and frame.id == "c2" and frame.problem
+    no_args = protocol.decode_server_frame(protocol.encode({"t": "cmd", "id": "c3", "kind": "stop"}))
+    assert no_args == protocol.Command("c3", "stop", {})
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"t": "cmd", "kind": "stop", "args": {}}, ErrorCode.BAD_FRAME),  # no id: nothing to answer to
+        ({"t": "ack", "seq": "7"}, ErrorCode.BAD_FRAME),
+        ({"t": "ack", "seq": 0}, ErrorCode.BAD_FRAME),
+        ({"t": "welcome", "run_id": 1}, ErrorCode.BAD_FRAME),
+        ({"t": "launch"}, ErrorCode.UNKNOWN_FRAME),
+        ({"t": "hello"}, ErrorCode.UNKNOWN_FRAME),  # an agent's frame is not the server's
+    ],
+)
+def test_bad_server_frames_are_refused_with_a_code(frame: dict[str, Any], code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.decode_server_frame(protocol.encode(frame))
+    assert info.value.code == code

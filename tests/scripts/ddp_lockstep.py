@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import trimtab
+from trimtab.protocol import Command
 
 
 def main() -> int:
@@ -35,7 +36,7 @@ def main() -> int:
     lrs = []
     for step in range(14):
         for command in arrivals.get(step, []):
-            run._control.receive({"t": "cmd", **command})  # what the sender thread does with a cmd frame
+            run._control.receive(Command(**command))  # what the sender thread does with a cmd frame
         if args.rank == 1:
             time.sleep(0.02)  # rank 1 runs a little behind, as real ranks do
         loss = model(torch.randn(8, 4)).pow(2).mean()

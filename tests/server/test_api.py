@@ -44,6 +44,7 @@ def test_a_config_with_infinities_is_stored_and_read_back_as_floats(
     shown = server.get(f"/api/v1/runs/{run.id}")["config"]
     assert shown == {"clip": "Infinity", "floor": "-Infinity", "ema": {"init": "NaN"}, "name": "gpt"}
     engine = make_engine(migrated_db)
+    assert run.id is not None
     try:
         stored = Store(engine).get_run(run.id)["config"]
     finally:

@@ -1,208 +1,40 @@
-"""trimtab wire protocol v1: frame types, encoding and validation, with no I/O.
-
-Every frame is a msgpack map with a type tag ``t``. Scalars travel columnar: one entry per
-key with its steps, wall times and values as packed little-endian arrays (int64, float64,
-float64), so a batch of N points costs three ``memcpy``s to encode and decode, and every
-float (NaN, +Inf, -Inf and their bit patterns) arrives exactly as it was sent.
-
-The agent builds frames with the ``*_frame`` helpers; the server decodes them with
-:func:`decode_agent_frame`, which raises :class:`ProtocolError` with a stable code for any
-frame it refuses. See ``docs/protocol.md`` for the prose version.
-"""
+"""Frames as values: the decoded frame of each type (both directions) and the decoders that
+check every field, raising :class:`ProtocolError` with a stable code for anything refused."""
 
 from __future__ import annotations
 
 import math
-import sys
 from array import array
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
-from trimtab.errors import ErrorCode, TrimtabError
+from trimtab.errors import ErrorCode
 from trimtab.jsonsafe import problem as json_value_problem
+from trimtab.protocol.encoding import ProtocolError, decode_map, unpack_array
+from trimtab.protocol.vocabulary import (
+    ACK,
+    AGENT_FRAME_TYPES,
+    BATCH,
+    BYE,
+    CMD,
+    CMD_RESULT,
+    ERROR,
+    HEARTBEAT,
+    HELLO,
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_FRAME_BYTES,
+    MAX_HISTOGRAM_BINS,
+    MAX_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PROJECT_LENGTH,
+    PROTOCOL_VERSION,
+    SERVER_FRAME_TYPES,
+    WELCOME,
+)
 
-PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 8 * 1024 * 1024
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-INT32_MAX = 2**31 - 1
-MAX_KEY_LENGTH = 256
-MAX_NAME_LENGTH = 256
-MAX_PROJECT_LENGTH = 128
-MAX_HISTOGRAM_BINS = 4096
-WS_PATH = "/ws/v1/agent"
-
-# Agent -> server
-HELLO = "hello"
-BATCH = "batch"
-CMD_RESULT = "cmd_result"
-HEARTBEAT = "heartbeat"
-BYE = "bye"
-# Server -> agent
-WELCOME = "welcome"
-ACK = "ack"
-CMD = "cmd"
-ERROR = "error"
-
-AGENT_FRAME_TYPES = frozenset({HELLO, BATCH, CMD_RESULT, HEARTBEAT, BYE})
-SERVER_FRAME_TYPES = frozenset({WELCOME, ACK, CMD, ERROR})
-
-_BIG_ENDIAN = sys.byteorder == "big"
-
-
-class ProtocolError(TrimtabError):
-    """A frame the receiver refuses; ``seq`` names the batch when there is one."""
-
-    def __init__(self, code: ErrorCode, message: str, seq: int | None = None) -> None:
-        super().__init__(code, message)
-        self.seq = seq
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def encode(frame: Mapping[str, Any]) -> bytes:
-    return msgpack.packb(frame, use_bin_type=True)
-
-
-def pack_i64(values: array[int]) -> bytes:
-    """Little-endian int64 bytes of an ``array('q')``."""
-    return _to_le(values)
-
-
-def pack_f64(values: array[float]) -> bytes:
-    """Little-endian float64 bytes of an ``array('d')``; NaN/Inf bit patterns survive."""
-    return _to_le(values)
-
-
-def _to_le(values: array[Any]) -> bytes:
-    if _BIG_ENDIAN:
-        values = array(values.typecode, values)
-        values.byteswap()
-    return values.tobytes()
-
-
-def unpack_array(typecode: str, data: bytes) -> array[Any]:
-    out = array(typecode)
-    out.frombytes(data)
-    if _BIG_ENDIAN:
-        out.byteswap()
-    return out
-
-
-def hello_frame(
-    *,
-    uid: str,
-    project: str,
-    name: str | None,
-    resume_from_seq: int,
-    agent_version: str,
-    host: str,
-    pid: int,
-    rank: int = 0,
-    world_size: int = 1,
-    config: Mapping[str, Any] | None = None,
-    replay: bool = False,
-) -> dict[str, Any]:
-    return {
-        "t": HELLO,
-        "v": PROTOCOL_VERSION,
-        "run": {"uid": uid, "project": project, "name": name},
-        "resume_from_seq": resume_from_seq,
-        "agent_version": agent_version,
-        "host": host,
-        "pid": pid,
-        "rank": rank,
-        "world_size": world_size,
-        "config": dict(config or {}),
-        "replay": replay,
-    }
-
-
-def scalar_series(key: str, steps: array[int], walls: array[float], values: array[float]) -> dict[str, Any]:
-    return {
-        "k": key,
-        "steps": pack_i64(steps),
-        "walls": pack_f64(walls),
-        "values": pack_f64(values),
-    }
-
-
-def histogram_entry(
-    key: str,
-    step: int,
-    wall: float,
-    edges: array[float],
-    counts: array[int],
-    nan: int = 0,
-    pinf: int = 0,
-    ninf: int = 0,
-) -> dict[str, Any]:
-    """One histogram: ``len(edges) == len(counts) + 1``, finite increasing edges; non-finite
-    values are counted apart (``nan``, ``pinf``, ``ninf``), never binned."""
-    return {
-        "k": key,
-        "step": step,
-        "wall": wall,
-        "edges": pack_f64(edges),
-        "counts": pack_i64(counts),
-        "nan": nan,
-        "pinf": pinf,
-        "ninf": ninf,
-    }
-
-
-def event_entry(
-    kind: str, step: int | None, wall: float, data: Mapping[str, Any], level: str = "info"
-) -> dict[str, Any]:
-    return {"kind": kind, "step": step, "wall": wall, "level": level, "data": dict(data)}
-
-
-def batch_frame(
-    seq: int,
-    scalars: list[dict[str, Any]],
-    histograms: list[dict[str, Any]] | None = None,
-    events: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    return {"t": BATCH, "seq": seq, "scalars": scalars, "histograms": histograms or [], "events": events or []}
-
-
-def heartbeat_frame(drops: Mapping[str, int] | None = None) -> dict[str, Any]:
-    return {"t": HEARTBEAT, "drops": dict(drops or {})}
-
-
-def bye_frame(drops: Mapping[str, int] | None = None) -> dict[str, Any]:
-    return {"t": BYE, "drops": dict(drops or {})}
-
-
-def welcome_frame(run_id: int, acked_seq: int) -> dict[str, Any]:
-    return {"t": WELCOME, "v": PROTOCOL_VERSION, "run_id": run_id, "acked_seq": acked_seq}
-
-
-def ack_frame(seq: int) -> dict[str, Any]:
-    return {"t": ACK, "seq": seq}
-
-
-def error_frame(code: ErrorCode, message: str, seq: int | None = None) -> dict[str, Any]:
-    frame: dict[str, Any] = {"t": ERROR, "code": code.value, "message": message}
-    if seq is not None:
-        frame["seq"] = seq
-    return frame
-
-
-def cmd_frame(command_id: str, kind: str, args: Mapping[str, Any]) -> dict[str, Any]:
-    return {"t": CMD, "id": command_id, "kind": kind, "args": dict(args)}
-
-
-def cmd_result_frame(
-    command_id: str, status: str, step: int | None, detail: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    return {"t": CMD_RESULT, "id": command_id, "status": status, "step": step, "detail": detail}
-
-
-# --------------------------------------------------------------------------- decoding
+# --------------------------------------------------------------------------- agent -> server
 
 
 @dataclass(frozen=True)
@@ -290,17 +122,40 @@ class Bye:
 AgentFrame = Hello | Batch | CmdResult | Heartbeat | Bye
 
 
-def decode_map(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
-    """Decode one frame into a map with a string ``t``; refuse anything else."""
-    if len(data) > max_bytes:
-        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE, f"frame of {len(data)} bytes exceeds the limit of {max_bytes}")
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"frame is not valid msgpack: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "frame must be a map with a string type tag 't'")
-    return obj
+# --------------------------------------------------------------------------- server -> agent
+
+
+@dataclass(frozen=True)
+class Welcome:
+    run_id: int
+    acked_seq: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``cmd`` frame: a command for the training process. ``problem`` says why a command
+    whose id is readable cannot be applied (its kind or arguments are malformed): the agent
+    rejects it with that reason rather than ignore it."""
+
+    id: str
+    kind: str
+    args: dict[str, Any]
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerError:
+    code: str
+    message: str
+    seq: int | None = None  # the batch refused, when the error is about one
+
+
+ServerFrame = Welcome | Ack | Command | ServerError
 
 
 def decode_agent_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> AgentFrame:
@@ -324,6 +179,35 @@ def decode_agent_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> AgentFr
     raise ProtocolError(
         ErrorCode.UNKNOWN_FRAME, f"unknown frame type {kind!r}; expected one of {sorted(AGENT_FRAME_TYPES)}"
     )
+
+
+def decode_server_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> ServerFrame:
+    """A frame from the server, checked like the server checks the agent's."""
+    obj = decode_map(data, max_bytes)
+    kind = obj["t"]
+    if kind == ACK:
+        return Ack(seq=_req_int(obj, "seq", 1, INT64_MAX))
+    if kind == CMD:
+        return _command(obj)
+    if kind == WELCOME:
+        return Welcome(run_id=_req_int(obj, "run_id", 1, INT64_MAX), acked_seq=_req_int(obj, "acked_seq", 0, INT64_MAX))
+    if kind == ERROR:
+        return ServerError(
+            code=str(obj.get("code")), message=str(obj.get("message")), seq=_opt_int(obj, "seq", 1, INT64_MAX)
+        )
+    raise ProtocolError(
+        ErrorCode.UNKNOWN_FRAME, f"unknown frame type {kind!r}; expected one of {sorted(SERVER_FRAME_TYPES)}"
+    )
+
+
+def _command(obj: dict[str, Any]) -> Command:
+    ident = obj.get("id")
+    if not isinstance(ident, str) or not ident:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"a command without an id: {obj!r}"[:300])
+    kind, args = obj.get("kind"), obj.get("args")
+    if not isinstance(kind, str) or not isinstance(args, (dict, type(None))):
+        return Command(ident, "", {}, problem="malformed command: kind must be a string, args a map")
+    return Command(ident, kind, dict(args or {}))
 
 
 def _hello(obj: dict[str, Any]) -> Hello:
