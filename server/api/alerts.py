@@ -115,6 +115,7 @@ async def list_project_rules(ctx: Ctx, project: ProjectName) -> list[dict[str, A
 
 @router.get("/projects/{project}/rules/{name}", response_model=RuleOut, dependencies=[require("read")])
 async def get_project_rule(ctx: Ctx, project: ProjectName, name: RuleName) -> dict[str, Any]:
+    """The rule `name` in force for the project: its own, else the shipped default (`source` says which)."""
     return _out(await run_in_threadpool(rules_store(ctx).get, project, None, name))
 
 
@@ -150,21 +151,26 @@ async def list_run_rules(ctx: Ctx, run_id: RunId) -> list[dict[str, Any]]:
 
 @router.get("/runs/{run_id}/rules/{name}", response_model=RuleOut, dependencies=[require("read")])
 async def get_run_rule(ctx: Ctx, run_id: RunId, name: RuleName) -> dict[str, Any]:
+    """The rule `name` in force for this run: its own, else the project's, else the default."""
     return _out(await run_in_threadpool(rules_store(ctx).get, None, run_id, name))
 
 
 @router.post("/runs/{run_id}/rules", response_model=RuleOut, status_code=201, dependencies=[require("admin")])
 async def create_run_rule(ctx: Ctx, run_id: RunId, body: RuleBody) -> dict[str, Any]:
+    """Add a rule to this run only. A name in force from the project or the defaults overrides
+    it for this run; a name the run already has is `rule_exists` (409): PUT replaces."""
     return await _write(ctx, None, run_id, body, None, replace=False)
 
 
 @router.put("/runs/{run_id}/rules/{name}", response_model=RuleOut, dependencies=[require("admin")])
 async def put_run_rule(ctx: Ctx, run_id: RunId, name: RuleName, body: RuleBody) -> dict[str, Any]:
+    """Create or replace this run's rule `name` (`enabled: false` switches an inherited rule off for it)."""
     return await _write(ctx, None, run_id, body, name, replace=True)
 
 
 @router.delete("/runs/{run_id}/rules/{name}", status_code=204, dependencies=[require("admin")])
 async def delete_run_rule(ctx: Ctx, run_id: RunId, name: RuleName) -> Response:
+    """Delete the run's own rule; the project's or the default of that name is in force again."""
     scope = await run_in_threadpool(rules_store(ctx).delete, None, run_id, name)
     _changed(ctx, scope)
     return Response(status_code=204)
@@ -216,6 +222,8 @@ async def list_alerts(
 
 @router.get("/alerts/{alert_id}", response_model=AlertOut, dependencies=[require("read")])
 async def get_alert(ctx: Ctx, alert_id: Annotated[int, Path(ge=1, le=INT64_MAX)]) -> dict[str, Any]:
+    """One alert: its rule, key, severity, status, first and last step and value, remedy and links."""
+
     def read() -> dict[str, Any]:
         with ctx.store.transaction() as conn:
             return alert_store.get_alert(conn, alert_id, ctx.settings.base_url)

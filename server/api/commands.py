@@ -102,4 +102,6 @@ async def list_commands(
 
 @router.get("/runs/{run_id}/commands/{command_id}", response_model=CommandOut, dependencies=[require("read")])
 async def get_command(ctx: Ctx, run_id: RunId, command_id: CommandId) -> dict[str, Any]:
+    """One command of the run: its status (pending, delivered, applied, rejected, expired), the step
+    it took effect at, and each rank's result."""
     return (await run_in_threadpool(db.get, ctx.store, run_id, command_id)).to_json()

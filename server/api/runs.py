@@ -115,6 +115,7 @@ async def list_runs(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=INT64_MAX)] = 0,
 ) -> list[RunOut]:
+    """The runs, newest first, optionally of one project, a page of `limit` from `offset`."""
     rows = await run_in_threadpool(ctx.store.list_runs, project, limit, offset)
     return [_run_out(r) for r in rows]
 
@@ -126,6 +127,8 @@ Limit = Annotated[int, Query(ge=1, le=MAX_ROWS)]
 
 @router.get("/runs/{run_id}", response_model=RunOut, dependencies=[require("read")])
 async def get_run(ctx: Ctx, run_id: RunId) -> RunOut:
+    """One run: status (running, finished, or stale when its heartbeats stopped), counts, last
+    step, drops the agent reported, world size and config."""
     return _run_out(await run_in_threadpool(ctx.store.get_run, run_id))
 
 

@@ -104,11 +104,13 @@ async def create_sink(ctx: Ctx, body: SinkIn) -> SinkCreated:
 
 @router.get("/sinks", response_model=list[SinkOut], dependencies=[require("read")])
 async def list_sinks(ctx: Ctx) -> list[SinkOut]:
+    """Every alert sink with its delivery counts; URLs show scheme, host and port only."""
     return [SinkOut(**_out(s)) for s in await run_in_threadpool(SinkStore(ctx.store).all)]
 
 
 @router.get("/sinks/{sink_id}", response_model=SinkOut, dependencies=[require("read")])
 async def get_sink(ctx: Ctx, sink_id: SinkId) -> SinkOut:
+    """One alert sink, its delivery counts and its last error."""
     return SinkOut(**_out(await run_in_threadpool(SinkStore(ctx.store).get, sink_id)))
 
 
