@@ -13,14 +13,12 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, dcc, html, no_update
 
-from trimtab.dashboard import figures, markers
+from trimtab.dashboard import figures, live, markers
 from trimtab.dashboard.client import ApiClient, ApiError, Series
 from trimtab.dashboard.common import client, error_box, not_found, run_id_of, run_tabs
-from trimtab.dashboard.live import extension, has_nonfinite
 from trimtab.protocol import EVENT_NONFINITE
 
 TICK_MS = 1000
-VIEW_POINTS = 2000  # per series: what a chart a few thousand pixels wide can show
 CATCH_UP_POINTS = 5000  # per series per tick when the page fell behind
 
 
@@ -109,7 +107,7 @@ def build(api: ApiClient, run_id: int, span: list[int] | None) -> tuple[Any, dic
     start, end = (span[0], span[1]) if span else (None, None)
     panels = []
     for title, keys, log_y in panel_specs:
-        series = [api.scalars(run_id, k, start_step=start, end_step=end, max_points=VIEW_POINTS) for k in keys]
+        series = [api.scalars(run_id, k, start_step=start, end_step=end, max_points=live.VIEW_POINTS) for k in keys]
         panels.append(figures.Panel(title, series, log_y))
     found, sig = fetch_markers(api, run_id)
     fig = figures.overview_figure(panels, found, uirevision=f"run-{run_id}")
@@ -192,60 +190,27 @@ def register(app: Dash) -> None:
         State("ov-seen", "data"),
     )
     def tick(_: int | None, state: dict[str, Any], seen: dict[str, Any] | None) -> Any:
-        """New points appended to the figure as it is; a redraw asked for when markers change."""
+        """New points appended to the figure as it is; a redraw asked for when markers change
+        (the decisions are ``live.decide`` and ``live.appended``)."""
         run_id = int(state["run_id"])
         api = client()
         try:
             run = api.run(run_id)
-            if "rev" not in state:  # the first drawing is on its way, or failed: ask again later
-                return _redraw_once(seen or {}, "first", run)
-            if not seen or seen.get("rev") != state["rev"]:  # a new figure: start from what it holds
-                kept: dict[str, Any] = {k: seen[k] for k in ("asked", "asked_at") if seen and k in seen}
-                seen = {**kept, "rev": state["rev"], "last": state["last"], "appended": 0}
-            sig = fetch_markers(api, run_id)[1]
-            if sig != state["sig"]:
-                return _redraw_once(seen, sig, run)
-            shown = sorted(k for _, keys, _ in choose_panels(api.keys(run_id)) for k in keys)
-            if shown != sorted(state["traces"]):  # a chart's first points (e.g. opened before them)
-                return _redraw_once(seen, f"{sig}|keys:{','.join(shown)}", run)
-            if state.get("range") or run["last_step"] is None:
-                return no_update, no_update, header(run), no_update
-            if seen.get("appended", 0) > VIEW_POINTS:  # the figure outgrew its view: a fresh one
-                return _redraw_once(seen, "grown", run)
-            new: dict[int, Series] = {}
-            last = dict(seen["last"])
-            nonfinite = False
-            for key, idx in state["traces"].items():
-                held = last.get(key)
-                if held is not None and held >= run["last_step"]:
-                    continue
-                s = api.scalars(run_id, key, since_step=held, max_points=CATCH_UP_POINTS)
-                nonfinite = nonfinite or has_nonfinite(s)
-                if s.steps:
-                    new[idx] = s
-                    last[key] = s.last_step
+            sig = fetch_markers(api, run_id)[1] if "rev" in state else ""
+            shown = [k for _, keys, _ in choose_panels(api.keys(run_id)) for k in keys] if "rev" in state else []
+            step = live.decide(state, seen, run["last_step"], sig, shown, time.time())
+            if isinstance(step, live.Fetch):
+                new: dict[int, Series] = {}
+                for key, (idx, held) in step.since.items():
+                    s = api.scalars(run_id, key, since_step=held, max_points=CATCH_UP_POINTS)
+                    if s.steps:
+                        new[idx] = s
+                step = live.appended(step.seen, new, time.time())
         except ApiError as exc:
             return no_update, no_update, error_box(exc), no_update
-        ext = extension(new)  # NaN/Inf go in as gaps; the redraw below adds their markers
-        appended = seen.get("appended", 0) + max((len(s.steps) for s in new.values()), default=0)
-        seen = {**seen, "last": last, "appended": appended}
-        if nonfinite or seen.get("nonfinite_pending"):
-            _, asked, _, rebuild = _redraw_once(seen, "nonfinite", run)
-            # Throttled: ask again later, so the last NaN of a burst still gets its marker.
-            seen = {**seen, "nonfinite_pending": True} if rebuild is no_update else {**asked, "nonfinite_pending": 0}
-            return ext or no_update, seen, header(run), rebuild
-        if ext is None:
-            return no_update, no_update, header(run), no_update
-        return ext, seen, header(run), no_update
-
-
-REASK_S = 5.0  # a redraw asked for that has not come (it failed, or was dropped) is asked again
-
-
-def _redraw_once(seen: dict[str, Any], reason: str, run: dict[str, Any]) -> Any:
-    """Ask for a redraw once per reason, and again only after REASK_S: asking while one runs
-    would cancel it, and a NaN logged every step must not redraw every second."""
-    now = time.time()
-    if seen.get("asked") == reason and now - float(seen.get("asked_at", 0)) < REASK_S:
-        return no_update, no_update, header(run), no_update
-    return no_update, {**seen, "asked": reason, "asked_at": now}, header(run), f"{reason}@{now}"
+        return (
+            no_update if step.extend is None else step.extend,
+            no_update if step.seen is None else step.seen,
+            header(run),
+            no_update if step.rebuild is None else step.rebuild,
+        )

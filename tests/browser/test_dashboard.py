@@ -1,8 +1,9 @@
 """The dashboard in a real headless Chromium, against a real server (auth on) and real runs
 streamed by a real agent from a real torch training loop.
 
-One server, one training run and one browser serve the whole module (the tests follow the
-run's life: live, a NaN, a command, the end). Screenshots of every page are saved under
+One server, one training run and one browser serve the whole module; each test makes the
+state it looks at itself (it waits for the run's NaN, sends the command it expects to see),
+so the tests pass in any order. Screenshots of every page are saved under
 ``artifacts/browser/``.
 """
 
@@ -82,12 +83,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     try:
         run_id = wait_for("the trainer's run", lambda: _run_id(server, tokens["viewer"], trainer), timeout=60)
+        # The first page a Dash app serves builds its layout: done here, not in whichever test is first.
+        wait_for("the dashboard", lambda: _answers(f"{server.url}/login"), timeout=120)
         yield {"server": server, "tokens": tokens, "run_id": run_id, "trainer": trainer}
     finally:
         if trainer.proc.poll() is None:
             trainer.proc.kill()
         trainer.proc.wait(30)
         server.stop()
+
+
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=60) as resp:
+        return bool(resp.status == 200)
+
+
+def send_command(stack: dict[str, Any], kind: str, **args: Any) -> dict[str, Any]:
+    """POST a command as the operator and wait until the trainer applied it; the command."""
+    url, run_id, token = stack["server"].url, stack["run_id"], stack["tokens"]["operator"]
+    request = urllib.request.Request(
+        f"{url}/api/v1/runs/{run_id}/commands",
+        data=json.dumps({"kind": kind, "args": args}).encode(),
+        headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        command_id = json.loads(resp.read())["id"]
+    return wait_for(
+        f"{kind} applied",
+        lambda: (c := api_get(f"{url}/api/v1/runs/{run_id}/commands/{command_id}", token))["status"] == "applied" and c,
+        timeout=60,
+    )
 
 
 def _run_id(server: ServerProcess, token: str, trainer: Trainer) -> int | None:
@@ -108,7 +134,9 @@ def browser() -> Iterator[webdriver.Chrome]:
 def login(driver: webdriver.Chrome, url: str, token: str, next_path: str = "/") -> None:
     driver.delete_all_cookies()
     driver.get(f"{url}{next_path}")
-    wait_for("the login form", lambda: "/login" in driver.current_url and driver.find_elements(By.ID, "token"))
+    wait_for(
+        "the login form", lambda: "/login" in driver.current_url and driver.find_elements(By.ID, "token"), timeout=60
+    )
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.ID, "login-submit").click()
     wait_for("the page after login", lambda: "/login" not in driver.current_url)
@@ -187,16 +215,21 @@ def test_reduce_lr_from_the_panel_is_applied_by_the_trainer(stack: dict[str, Any
     assert "reduce_lr(factor=0.5)" in box.text
     assert not browser.find_elements(By.CSS_SELECTOR, "#ctl-table .cmd-applied"), "sent before confirming"
     browser.find_element(By.ID, "ctl-confirm").click()
-    wait_for("the sent message", lambda: text(browser, "ctl-sent"))
-    applied = wait_for(
+    sent = wait_for("the sent message", lambda: re.search(r"command (\S+)\.$", text(browser, "ctl-sent")))
+    applied = wait_for(  # this command's row: other tests may have sent commands before
         "'applied at step N' in the panel",
-        lambda: re.search(r"applied at step (\d+)", text(browser, "ctl-table")),
+        lambda: re.search(r"applied at step (\d+)", text(browser, f"cmd-{sent.group(1)}")),
         timeout=60,
     )
     step = int(applied.group(1))
     screenshot(browser, "control")
     trainer: Trainer = stack["trainer"]
-    wait_for("the trainer's own report", lambda: f"lr 0.05 -> 0.025 at step {step}" in trainer.output(), timeout=20)
+    report = wait_for(
+        "the trainer's own report",
+        lambda: re.search(rf"lr (\S+) -> (\S+) at step {step}\b", trainer.output()),
+        timeout=20,
+    )
+    assert float(report.group(2)) == pytest.approx(float(report.group(1)) * 0.5)  # other tests may have cut it too
 
 
 def test_zooming_refetches_the_range_at_full_resolution(stack: dict[str, Any], browser: webdriver.Chrome) -> None:
@@ -235,6 +268,7 @@ def test_zooming_refetches_the_range_at_full_resolution(stack: dict[str, Any], b
 
 def test_every_page_renders_the_run(stack: dict[str, Any], browser: webdriver.Chrome) -> None:
     url, run_id = stack["server"].url, stack["run_id"]
+    send_command(stack, "reduce_lr", factor=0.9)  # the events page's commands table shows it
     login(browser, url, stack["tokens"]["operator"], f"/runs/{run_id}/layers")
     heat = wait_for("the gradient-norm heatmap", lambda: traces(browser, "layers-grad_norm"), timeout=60)
     assert heat[0]["type"] == "heatmap" and len(heat[0]["y"]) == 4  # four parameters
