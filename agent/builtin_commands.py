@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trimtab.jsonsafe import to_json
-from trimtab.lr import current_lrs, scale_lr
+from trimtab.lr import owner_lrs, used_lrs
 
 if TYPE_CHECKING:
     from trimtab.control import Controller
@@ -31,15 +31,16 @@ def reduce_lr(control: Controller, args: dict[str, Any], step: int) -> dict[str,
     if not 0 < factor < 1:
         raise Rejected(f"reduce_lr: factor must be in (0, 1), got {factor}")
     optimizer = _optimizer(control, "reduce_lr")
-    before = current_lrs(optimizer)
+    before = used_lrs(optimizer, control.lr)
     if "min_lr" in args and args["min_lr"] is not None:
         min_lr = _number(args, "min_lr")
         top = max(before)
         if top <= min_lr:
             raise Rejected(f"reduce_lr: the LR {top:.6g} is already at or below min_lr {min_lr:.6g}")
-        factor = max(factor, min_lr / top)  # the largest group LR stops at min_lr
-    scale_lr(optimizer, control.target.scheduler, factor)
-    return {"factor": factor, "before": before, "after": current_lrs(optimizer)}
+        factor = max(factor, min_lr / top)  # the largest group LR stops at min_lr (as of now)
+    control.lr.reduce(factor)
+    after = used_lrs(optimizer, control.lr)
+    return {"factor": factor, "before": before, "after": after, "lr_plan": control.lr.describe()}
 
 
 def set_lr(control: Controller, args: dict[str, Any], step: int) -> dict[str, Any]:
@@ -47,12 +48,10 @@ def set_lr(control: Controller, args: dict[str, Any], step: int) -> dict[str, An
     if not lr > 0:
         raise Rejected(f"set_lr: lr must be > 0, got {lr}")
     optimizer = _optimizer(control, "set_lr")
-    before = current_lrs(optimizer)
-    if before[0] <= 0:
-        raise Rejected("set_lr: group 0's LR is 0 right now (warm-up start?), so there is nothing to scale from")
-    factor = lr / before[0]  # every group and the schedule scale alike: ratios and shape stay
-    scale_lr(optimizer, control.target.scheduler, factor)
-    return {"factor": factor, "before": before, "after": current_lrs(optimizer)}
+    before = used_lrs(optimizer, control.lr)
+    control.lr.set(lr, owner_lrs(optimizer))  # in place of the owner's LR, until the next set_lr
+    after = used_lrs(optimizer, control.lr)
+    return {"before": before, "after": after, "lr_plan": control.lr.describe()}
 
 
 def set_hparams(control: Controller, args: dict[str, Any], step: int) -> dict[str, Any]:
@@ -92,6 +91,10 @@ def rollback(control: Controller, args: dict[str, Any], step: int) -> dict[str, 
     to_step = args.get("to_step")
     if to_step is not None and (not isinstance(to_step, int) or isinstance(to_step, bool) or to_step < 0):
         raise Rejected(f"rollback: to_step must be an integer >= 0, got {to_step!r}")
+    if control.target.optimizer is not None:
+        # lr/group* of this step: the LR its update would have used (the restore is about to
+        # put the snapshot's LR in the param groups, and the update is dropped).
+        control.report_lrs(control.target.optimizer)
     # Default: the newest snapshot before this step (one taken at this very boundary holds
     # the weights being rolled back from).
     restored = control.snapshots.restore(control.target, step - 1 if to_step is None else to_step)
@@ -101,9 +104,9 @@ def rollback(control: Controller, args: dict[str, Any], step: int) -> dict[str, 
     # This step's gradients come from the weights being replaced: its update is dropped.
     control.drop_update()
     handled = [to_json(fn(restored)) for fn in control.rollback_handlers]
-    # The optimizer and scheduler state came back too: LR changes made after the snapshot
-    # (by commands or by hand) are undone. Say what the LR is now.
-    lrs = current_lrs(control.target.optimizer) if control.target.optimizer is not None else None
+    # The optimizer and scheduler state came back too, with the owner's LR of that time; the
+    # LR commands' plan lives in the process and stays. Say what the LR is now.
+    lrs = used_lrs(control.target.optimizer, control.lr) if control.target.optimizer is not None else None
     return {"restored_step": restored, "requested": to_step, "lr_after": lrs, "handlers": handled}
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from trimtab import internal
 from trimtab.builtin_commands import BUILTINS, Rejected
 from trimtab.jsonsafe import to_json
+from trimtab.lr import LrPlan, applied, number, on_host
 from trimtab.protocol import APPLIED, BUILTIN_COMMANDS, DELIVERED, REJECTED, Command
 
 if TYPE_CHECKING:
@@ -77,6 +78,10 @@ class Controller:
         self.released = False  # finish() ended any pause for good
         self.lockstep: Lockstep | None = None  # multi-rank: same-step application via the c10d store
         self._scheduled: list[tuple[int, Command]] = []
+        self.lr = LrPlan()  # what LR commands put in force (applied at optimizer.step, lr.py)
+        self.boundary_step: int | None = None  # the step of the last boundary
+        self._on_lr: Callable[[int, dict[int, float]], None] | None = None
+        self._lr_reported: int | None = None
 
     # ------------------------------------------------------------------ wiring (by Run)
     def attach(self, target: Target, snapshots: Any = None) -> None:
@@ -104,6 +109,23 @@ class Controller:
 
     def add_rollback_handler(self, handler: Callable[[int], Any]) -> None:
         self.rollback_handlers.append(handler)
+
+    def on_lr_used(self, report: Callable[[int, dict[int, float]], None]) -> None:
+        """Called once per step from ``optimizer.step`` with each param group's LR that step
+        updates with (the owner's LR with the plan applied)."""
+        self._on_lr = report
+
+    def report_lrs(self, optimizer: Any) -> None:
+        step = self.boundary_step
+        if self._on_lr is None or step is None or step == self._lr_reported:
+            return
+        self._lr_reported = step
+        try:
+            groups = optimizer.param_groups
+            lrs = {i: self.lr.used(i, number(g["lr"])) for i, g in enumerate(groups) if on_host(g.get("lr"))}
+            self._on_lr(step, lrs)
+        except Exception as exc:
+            internal.report("learning-rate report", exc)
 
     def drop_update(self) -> None:
         """This boundary's update is not applied (a rollback, the autopilot rejecting a step)."""
@@ -148,6 +170,7 @@ class Controller:
     def boundary(self, step: int, autopilot: Callable[[int], None] | None = None) -> None:
         """Apply what is queued; wait here while paused; let the autopilot act; decide
         whether this step's update is skipped."""
+        self.boundary_step = step
         self.skip_now = False
         self._apply_queued(step)
         while self.paused and not self.stop_requested and not self.released:
@@ -296,6 +319,7 @@ def wrap_optimizer_step(optimizer: Any, control: Controller) -> None:
 
             with torch.enable_grad():
                 result = closure()
+        control.report_lrs(optimizer)  # the LR this step updates with (or would have)
         if control.skip_now:
             control.skip_now = False  # one update per skipped step
             try:
@@ -306,19 +330,20 @@ def wrap_optimizer_step(optimizer: Any, control: Controller) -> None:
             # is still a step, not a scheduler called "before optimizer.step()".
             optimizer._opt_called = True
             return result
-        if closure is None:
-            return original(*args, **kwargs)
-        # The closure already ran once (for the boundary); the optimizer's first call gets that
-        # result, later calls (LBFGS, SAM: several evaluations per step) run it for real.
-        first = [True]
+        with applied(optimizer, control.lr):  # the LR commands' plan, on top of the owner's LR
+            if closure is None:
+                return original(*args, **kwargs)
+            # The closure already ran once (for the boundary); the optimizer's first call gets
+            # that result, later calls (LBFGS, SAM: several evaluations per step) run it for real.
+            first = [True]
 
-        def again() -> Any:
-            if first[0]:
-                first[0] = False
-                return result
-            return closure()
+            def again() -> Any:
+                if first[0]:
+                    first[0] = False
+                    return result
+                return closure()
 
-        return original(*args, closure=again, **kwargs)
+            return original(*args, closure=again, **kwargs)
 
     step._trimtab_original = original  # type: ignore[attr-defined]
     # A bound method, as torch's own: an LR scheduler created later wraps ``step.__func__``.

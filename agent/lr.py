@@ -1,75 +1,110 @@
-"""Scaling a running job's learning rate without bending its schedule.
+"""The learning rate that trimtab's commands put in force, whoever owns the LR.
 
-``scale_lr(optimizer, scheduler, factor)`` multiplies the LR now and every LR the schedule
-will produce later by ``factor``. torch schedulers compute the next LR either in closed form
-from ``base_lrs`` (LambdaLR, so Hugging Face's warm-up + cosine, StepLR, ...), or
-recursively from each group's current ``lr`` and their own constants (CosineAnnealingLR's
-``eta_min``), or from values kept in the param groups (OneCycleLR's ``initial_lr``,
-``max_lr``, ``min_lr``). Every such value is linear in the LR, so scaling all of them scales
-the whole trajectory: for every later step, new LR = old LR x factor. Composite schedulers
-(SequentialLR, ChainedScheduler) are scaled through their children, and a wrapper that
-holds the real scheduler as ``.scheduler`` (accelerate's AcceleratedScheduler) through it.
+Training scripts own their LR: a scheduler sets it, a framework sets it, or the script
+assigns ``param_group["lr"]`` itself every iteration (the idiom of most LLM codebases). A
+command that wrote the param groups would last until the next assignment. So a command
+does not touch them; it changes an :class:`LrPlan`, and the plan is applied at the moment
+of ``optimizer.step()`` (the wrapper in ``control.py``), on top of whatever LR the owner set
+for that step:
 
-Nothing here imports torch at module level; the objects are duck-typed.
+- ``reduce_lr(factor)`` multiplies: every update uses the owner's LR x the product of the
+  factors, so a schedule keeps its shape, only lower;
+- ``set_lr(lr)`` overrides: every update uses ``lr`` for param group 0 (other groups keep
+  the ratio to group 0 they had when the command came), whatever the owner sets, until the
+  next ``set_lr``; a later ``reduce_lr`` multiplies the override.
+
+The param groups hold the owner's LR again right after the step, so schedulers that read it
+(CosineAnnealingLR's recursive form), ``get_last_lr()`` and the script's own bookkeeping
+see their own values. The plan lives in the process, not in the optimizer: a rollback that
+restores the optimizer's state keeps it.
+
+Nothing here imports torch at module level; LRs held as tensors are handled duck-typed.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-# LR-valued entries of a param group (OneCycleLR and friends keep theirs there).
-GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-# LR-valued attributes of a scheduler: lists (one per group) or single numbers.
-SCHEDULER_LISTS = ("base_lrs", "_last_lr", "max_lrs", "min_lrs")
-SCHEDULER_NUMBERS = ("eta_min",)
+
+@dataclass
+class LrPlan:
+    factor: float = 1.0  # product of every reduce_lr since the last set_lr
+    override: list[float] | None = None  # set_lr: the LR of each param group, in place of the owner's
+
+    @property
+    def active(self) -> bool:
+        return self.override is not None or self.factor != 1.0
+
+    def used(self, index: int, owner: float) -> float:
+        """The LR group ``index`` updates with when its owner set ``owner``."""
+        base = owner if self.override is None or index >= len(self.override) else self.override[index]
+        return base * self.factor
+
+    def reduce(self, factor: float) -> None:
+        self.factor *= factor
+
+    def set(self, lr: float, owners: list[float]) -> None:
+        """Group 0 at ``lr``, the others at their current ratio to group 0 (``lr`` too when
+        group 0's LR is 0, as at the start of a warm-up)."""
+        first = owners[0] if owners else 0.0
+        self.override = [lr * (o / first) if first > 0 else lr for o in owners] or [lr]
+        self.factor = 1.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"factor": self.factor, "override": self.override}
 
 
-def current_lrs(optimizer: Any) -> list[float]:
-    return [float(_number(group["lr"])) for group in optimizer.param_groups]
+def owner_lrs(optimizer: Any) -> list[float]:
+    """Each param group's LR as its owner set it (a tensor LR read as a number)."""
+    return [number(group["lr"]) for group in optimizer.param_groups]
 
 
-def scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
-    """Multiply the LR and the rest of its schedule by ``factor`` (> 0)."""
-    if not factor > 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-    for group in optimizer.param_groups:
-        for key in GROUP_KEYS:
-            if key in group:
-                group[key] = _scaled(group[key], factor)
-    seen: set[int] = set()
-    if scheduler is not None:
-        _scale_scheduler(scheduler, factor, seen)
+def used_lrs(optimizer: Any, plan: LrPlan) -> list[float]:
+    """The LR each group's next update uses."""
+    return [plan.used(i, lr) for i, lr in enumerate(owner_lrs(optimizer))]
 
 
-def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
-    if id(scheduler) in seen:
+@contextlib.contextmanager
+def applied(optimizer: Any, plan: LrPlan) -> Iterator[None]:
+    """The plan's LRs in the param groups for the duration of one ``optimizer.step()``, and
+    the owner's LRs back afterwards (unless the step itself assigned a new one)."""
+    if not plan.active:
+        yield
         return
-    seen.add(id(scheduler))
-    for name in SCHEDULER_LISTS:
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list):
-            setattr(scheduler, name, [_scaled(v, factor) for v in values])
-    for name in SCHEDULER_NUMBERS:
-        value = getattr(scheduler, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(scheduler, name, value * factor)
-    for child in getattr(scheduler, "_schedulers", None) or ():
-        _scale_scheduler(child, factor, seen)
-    inner = getattr(scheduler, "scheduler", None)  # accelerate's AcceleratedScheduler wraps one
-    if inner is not None and inner is not scheduler:
-        _scale_scheduler(inner, factor, seen)
+    groups = optimizer.param_groups
+    owned = [group["lr"] for group in groups]
+    put = [_put(plan, i, lr) for i, lr in enumerate(owned)]
+    for group, value in zip(groups, put, strict=True):
+        group["lr"] = value
+    try:
+        yield
+    finally:
+        for group, value, original in zip(groups, put, owned, strict=False):
+            if group.get("lr") is value:
+                group["lr"] = original
 
 
-def _scaled(value: Any, factor: float) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value * factor
-    mul = getattr(value, "mul_", None)  # an LR held as a tensor: scale in place, keep its identity
-    if callable(mul):
-        mul(factor)
-        return value
-    return value
-
-
-def _number(value: Any) -> float:
+def number(value: Any) -> float:
+    """A float of an LR given as a number or a one-element tensor (reads the tensor: callers
+    on the hot path use :func:`on_host` first)."""
     item = getattr(value, "item", None)
     return float(item()) if callable(item) else float(value)
+
+
+def on_host(value: Any) -> bool:
+    """Whether the LR can be read without waiting for a device: a number or a CPU tensor."""
+    device = getattr(value, "device", None)
+    return device is None or getattr(device, "type", "cpu") == "cpu"
+
+
+def _put(plan: LrPlan, index: int, owned: Any) -> Any:
+    """The LR to put in the group, in the form the owner used (a tensor stays a tensor on its
+    device, computed there: no read-back)."""
+    if isinstance(owned, (int, float)):
+        return plan.used(index, float(owned))
+    if plan.override is not None and index < len(plan.override):
+        return owned.new_full(owned.shape, plan.override[index] * plan.factor)
+    return owned * plan.factor

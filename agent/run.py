@@ -17,6 +17,7 @@ from trimtab import internal
 from trimtab.buffer import Buffer, Drops, is_integral, to_number
 from trimtab.control import Controller, Target, unwrap_optimizer_step, wrap_optimizer_step
 from trimtab.jsonsafe import to_json
+from trimtab.lr import used_lrs
 from trimtab.options import Options
 from trimtab.orphans import replay_orphans
 from trimtab.protocol import (
@@ -74,6 +75,7 @@ class Run:
         self._control = Controller(on_result=self._command_event)
         self._control.use_lockstep(lockstep_for(opts, self.uid))
         self._control.on_autopilot_policy(self._configure_autopilot)
+        self._control.on_lr_used(self._log_lrs)
         self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
@@ -265,6 +267,20 @@ class Run:
         self.autopilot(enabled, **options)
         return {"enabled": enabled, "options": options}
 
+    def learning_rates(self) -> list[float]:
+        """The LR each param group of the watched optimizer updates with: the LR your script,
+        scheduler or framework set, with the LR commands in force applied (``reduce_lr``,
+        ``set_lr``, the autopilot's cuts; docs/control.md). Empty before ``run.watch(model,
+        optimizer)``. What ``lr/group<i>`` records for each step."""
+        optimizer = self._control.target.optimizer
+        if optimizer is None:
+            return []
+        try:
+            return used_lrs(optimizer, self._control.lr)
+        except Exception as exc:
+            internal.report("Run.learning_rates", exc)
+            return []
+
     def command_history(self) -> list[dict[str, Any]]:
         """The commands this process applied or rejected, oldest first (the last 1000): id,
         kind, args, status, step, detail; the autopilot's have ``detail.source == "autopilot"``."""
@@ -432,6 +448,11 @@ class Run:
         if (result.get("detail") or {}).get("source") == "autopilot" and isinstance(step, int):
             # A scalar as well, so the shipped `autopilot-acted` rule alerts on automatic actions.
             self._put_scalars(step, time.time(), {"autopilot/actions": 1.0})
+
+    def _log_lrs(self, step: int, lrs: dict[int, float]) -> None:
+        """``lr/group<i>``: the LR each param group's update of ``step`` used."""
+        if lrs and not self._closed:
+            self._put_scalars(step, time.time(), {f"lr/group{i}": lr for i, lr in lrs.items()})
 
     def _set_id(self, run_id: int) -> None:
         self._id = run_id

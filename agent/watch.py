@@ -160,14 +160,7 @@ class Watcher:
         sampled = step % self.sample_every == 0
         self._last_sampled = sampled
         wall = time.time()
-        host: dict[str, float] = {}
-        if self.optimizer is not None:
-            for i, group in enumerate(self.optimizer.param_groups):
-                lr = group.get("lr")
-                if isinstance(lr, (int, float)) or (
-                    isinstance(lr, torch.Tensor) and lr.device.type == "cpu" and lr.numel() == 1
-                ):
-                    host[f"lr/group{i}"] = float(lr)
+        host: dict[str, float] = {}  # the LRs are logged by the optimizer's step (control.py)
         if wall_since is not None and self._last_step is not None and step == self._last_step + 1:
             host["perf/step_time_s"] = wall_since
             samples = batch_size or self.opts.batch_size
@@ -253,7 +246,7 @@ class Watcher:
             flat = [g.view(-1) for g in grads]
             return torch.stack([torch.dot(f, f) for f in flat]).sqrt_()
         if not any(g.is_sparse for g in grads):
-            norms = torch._foreach_norm(_real(grads), 2, **self._norm_kwargs)
+            norms = _foreach_norms(grads, self._norm_kwargs)
         else:  # sparse gradients (nn.Embedding(sparse=True)): one by one
             norms = [torch.linalg.vector_norm(g.coalesce().values() if g.is_sparse else g).float() for g in grads]
         target = device or norms[0].device
@@ -290,7 +283,7 @@ class Watcher:
         layout: dict[str, Any] = {}
         with torch.no_grad():
             if self.params:
-                norms = torch._foreach_norm(_real([p.detach() for p in self.params]), 2, **self._norm_kwargs)
+                norms = _foreach_norms([p.detach() for p in self.params], self._norm_kwargs)
                 dev = norms[0].device
                 layout["weight_norms"] = len(tensors)
                 tensors.append(torch.stack([n.float().to(dev) for n in norms]))
@@ -455,6 +448,24 @@ def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     if not any(t.is_complex() for t in tensors):
         return tensors
     return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
+def _foreach_norms(tensors: list[torch.Tensor], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The L2 norm of each tensor, in one fused call per precision: half-precision ones summed
+    in float32 (``kwargs``), float64 ones (a model trained in double) in float64, which
+    ``dtype=float32`` would refuse as a narrowing."""
+    real = _real(tensors)
+    wide = [i for i, t in enumerate(real) if t.dtype == torch.float64]
+    if not wide or not kwargs:
+        return list(torch._foreach_norm(real, 2, **kwargs))
+    if len(wide) == len(real):
+        return list(torch._foreach_norm(real, 2))
+    narrow = [i for i in range(len(real)) if real[i].dtype != torch.float64]
+    out: list[torch.Tensor] = [real[0]] * len(real)
+    for indices, extra in ((wide, {}), (narrow, kwargs)):
+        for i, norm in zip(indices, torch._foreach_norm([real[i] for i in indices], 2, **extra), strict=True):
+            out[i] = norm
+    return out
 
 
 def _foreach_norm_kwargs() -> dict[str, Any]:

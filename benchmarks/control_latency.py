@@ -96,15 +96,15 @@ def measure(url: str, tmp: Path, args: argparse.Namespace) -> int:
     step_s = args.step_ms / 1000
 
     def train() -> None:
-        step, last_lr = 0, opt.param_groups[0]["lr"]
+        step, last_lr = 0, run.learning_rates()[0]
         while not stop.is_set():
             started = time.perf_counter()
             loss = model(torch.randn(4, 8)).pow(2).mean()
             loss.backward()  # type: ignore[no-untyped-call]
             run.step(loss, step=step)
-            if opt.param_groups[0]["lr"] != last_lr:
+            if run.learning_rates()[0] != last_lr:  # the LR the next update uses
                 changed.append(time.perf_counter())
-                last_lr = opt.param_groups[0]["lr"]
+                last_lr = run.learning_rates()[0]
             opt.step()
             opt.zero_grad()
             step += 1

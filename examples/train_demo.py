@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         run.step(loss)  # loss, grad norms, LR, throughput, NaN provenance; commands are applied here
-        lr, planned = opt.param_groups[0]["lr"], args.lr * lr_factor(step, args.steps, args.bad_at, args.bad_mult)
+        lr, planned = run.learning_rates()[0], args.lr * lr_factor(step, args.steps, args.bad_at, args.bad_mult)
         if not math.isclose(lr, scale * planned):
             scale = lr / planned
             print(f"step {step:5d}  a command set the LR to {lr:.3g} ({scale:.3g}x the schedule)", flush=True)

@@ -171,6 +171,19 @@ class ServerProcess:
         return api_get(self.url + path, token)
 
 
+def post_command(server: ServerProcess, run_id: int, kind: str, **args: Any) -> str:
+    """POST a command to a run (auth off); its id."""
+    req = urllib.request.Request(
+        f"{server.url}/api/v1/runs/{run_id}/commands",
+        data=json.dumps({"kind": kind, "args": args}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        ident: str = json.loads(resp.read())["id"]
+    return ident
+
+
 def api_get(url: str, token: str | None = None) -> Any:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -227,3 +240,19 @@ def recv_frame(ws: Any, timeout: float = 10.0) -> dict[str, Any]:
     assert isinstance(data, bytes), f"expected a binary frame, got {data!r}"
     frame: dict[str, Any] = msgpack.unpackb(data)
     return frame
+
+
+def quiet_trainer(tmp_path: Path, callbacks: list[Any], **options: Any) -> Any:
+    """A CPU Lightning Trainer without logger, checkpoints or progress output."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **options,
+    )

@@ -106,7 +106,7 @@ def test_skips_are_capped_then_the_lr_is_reduced(run: trimtab.Run) -> None:
         return x
 
     train(run, model, opt, range(80))
-    before = opt.param_groups[0]["lr"]
+    before = run.learning_rates()[0]
     train(run, model, opt, range(80, 86), nan_from_80)
     kinds = [(h["kind"], h["step"], h["detail"].get("over_cap")) for h in auto(run)]
     skips = [(step, over) for kind, step, over in kinds if kind == "skip_batches"]
@@ -115,7 +115,8 @@ def test_skips_are_capped_then_the_lr_is_reduced(run: trimtab.Run) -> None:
     assert skips == [(80, False), (81, False), (82, False), (83, True), (84, True), (85, True)]
     assert [(k, s) for k, s, _ in kinds if k == "reduce_lr"] == [("reduce_lr", 82)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert opt.param_groups[0]["lr"] == pytest.approx(before * 0.5)
+    assert run.learning_rates()[0] == pytest.approx(before * 0.5)
+    assert opt.param_groups[0]["lr"] == before  # the cut applies at each step, on top of the script's LR
 
 
 def test_divergence_rolls_back_to_a_snapshot_before_the_rise(run: trimtab.Run) -> None:

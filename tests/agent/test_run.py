@@ -180,3 +180,32 @@ def test_nul_and_huge_integers_in_config_and_names_are_made_storable(tmp_path: P
         assert run.identity.config == {"k": "v", "big": str(2**70)}
     finally:
         run.finish(timeout=0.2)
+
+
+def test_the_lr_logged_for_a_step_is_the_one_its_update_used(tmp_path: Path) -> None:
+    """A command applied at step 5's boundary changes step 5's update, and lr/group0 says so."""
+    torch = pytest.importorskip("torch")
+    from trimtab.protocol import Command
+
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), replay_orphans=False, flush_interval=3600
+    )
+    try:
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run.watch(model, opt, sample_every=1000)
+        for step in range(8):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 + 0.01 * step  # the script owns the LR
+            if step == 5:
+                run._control.receive(Command("r", "reduce_lr", {"factor": 0.5}))
+            model(torch.ones(4, 2)).sum().backward()
+            run.step(None)
+            opt.step()
+            opt.zero_grad()
+        logged = {s: r["lr/group0"] for s, _, r in run._buffer._records if "lr/group0" in r}
+        want = {s: (0.1 + 0.01 * s) * (0.5 if s >= 5 else 1.0) for s in range(8)}
+        assert logged == pytest.approx(want)
+        assert run.learning_rates() == pytest.approx([0.17 * 0.5])
+    finally:
+        run.finish(timeout=0.2)

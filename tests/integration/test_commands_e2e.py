@@ -71,7 +71,7 @@ class Trainer(threading.Thread):
             loss = (self.model(x) - x.sum(1, keepdim=True)).pow(2).mean()
             loss.backward()  # type: ignore[no-untyped-call]
             self.agent.step(loss, step=step)  # commands take effect here
-            self.lrs[step] = self.opt.param_groups[0]["lr"]
+            self.lrs[step] = self.agent.learning_rates()[0]  # what this step's update uses
             self.weights[step] = self.first.weight.detach().clone()
             self.opt.step()
             self.sched.step()

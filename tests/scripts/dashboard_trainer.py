@@ -30,7 +30,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     run = trimtab.init(project="browser", name="live-run", server=args.server, token=args.token or None)
     run.watch(model, opt, batch_size=16, sample_every=20, overhead_budget=None)
-    lr = opt.param_groups[0]["lr"]
+    lr = run.learning_rates()[0]  # the LR updates use, LR commands included
     for step in range(args.max_steps):
         x = torch.randn(16, 8)
         y = x[:, :1] * 2
@@ -42,7 +42,7 @@ def main() -> None:
         run.step(loss)
         if torch.isfinite(loss):
             opt.step()
-        now = opt.param_groups[0]["lr"]
+        now = run.learning_rates()[0]
         if now != lr:
             print(f"lr {lr:g} -> {now:g} at step {step}", flush=True)
             lr = now

@@ -44,7 +44,7 @@ def main() -> int:
         run.step(loss, step=step)
         opt.step()
         opt.zero_grad()
-        lrs.append(opt.param_groups[0]["lr"])
+        lrs.append(run.learning_rates()[0])
     history = [{k: h[k] for k in ("id", "kind", "status", "step")} for h in run.command_history()]
     weights = [round(float(v), 6) for v in model.module.weight.detach().flatten()]
     print("RESULT " + json.dumps({"history": history, "lrs": lrs, "weights": weights}), flush=True)
