@@ -254,8 +254,9 @@ def _parse_confirm(body: Any, key: str) -> ConfirmSpec | None:
 
 class RuleEvaluator:
     """One rule on one matched key (of one run and rank). Feed every point of every key in
-    ``keys`` in step order per key; ``update`` returns the rule's findings (severity
-    already set from the rule)."""
+    ``keys`` in step order, across keys too (a confirmation pairs the findings of two keys,
+    so the order they arrive in decides which steps pair up); ``update`` returns the rule's
+    findings (severity already set from the rule)."""
 
     def __init__(self, spec: RuleSpec, key: str) -> None:
         if not spec.matches(key):
@@ -295,7 +296,10 @@ class RuleEvaluator:
                 return None
             for f in matched:
                 self._pending.remove(f)
-            return self._finish(matched[-1], step)  # the newest: one alert per agreement
+            # One finding per agreement: the one nearest the confirming signal (the earlier on
+            # a tie), so a spike is named at its own step, not at the newest finding waiting.
+            nearest = min(matched, key=lambda f: (abs(f.step - step), f.step))
+            return self._finish(nearest, step)
         return None
 
     def _finish(self, found: Finding, confirmed_at: int | None = None) -> Finding:

@@ -33,7 +33,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select
@@ -43,7 +43,7 @@ from trimtab.protocol import EVENT_NONFINITE, Batch, Event, ScalarSeries
 from trimtab.server.alerts import store as db
 from trimtab.server.alerts.replay import restore_slot, stored_points
 from trimtab.server.alerts.rules import effective
-from trimtab.server.alerts.slots import EngineStats, Op, RunState, Slot, feed_point
+from trimtab.server.alerts.slots import EngineStats, Op, RunState, Slot, feed_point, in_step_order
 from trimtab.server.alerts.writer import AlertWriter
 from trimtab.server.db.store import Store
 from trimtab.server.db.tables import runs
@@ -318,12 +318,14 @@ class AlertEngine:
             for s in scalars:
                 for spec in rs.specs_for(s.key):
                     self._slot(conn, rs, rank, spec, s.key, ops, live_from)
+        # Each slot gets the batch's points of all its keys at once, merged in step order: a
+        # rule confirmed by a second key sees the same sequence whatever the batch size.
+        by_slot: dict[int, tuple[Slot, list[ScalarSeries]]] = {}
         for s in scalars:
-            routed = rs.routes.get((rank, s.key))
-            if not routed:
-                continue
-            for slot in list(routed):
-                self._series(slot, s.key, s.steps, s.values, ops)
+            for slot in rs.routes.get((rank, s.key)) or ():
+                by_slot.setdefault(id(slot), (slot, []))[1].append(s)
+        for slot, series in by_slot.values():
+            self._series(slot, series, ops)
         provenance = [(rank, e.step, e.data) for e in item.nonfinite if e.step is not None]
         self._woke(self.writer.write(rs, ops, provenance=provenance))
 
@@ -331,11 +333,12 @@ class AlertEngine:
         if time.monotonic() - rs.rules_at > self.rules_ttl_s:
             self._reload_rules(conn, rs, ops)
 
-    def _series(self, slot: Slot, key: str, steps: Sequence[int], values: Sequence[float], ops: list[Op]) -> None:
-        seen = slot.seen[key]
-        if seen is not None and max(steps) <= seen:
-            return  # replayed from the database already
-        for step, value in zip(steps, values, strict=True):
+    def _series(self, slot: Slot, series: list[ScalarSeries], ops: list[Op]) -> None:
+        """Feed the slot the points of its keys in ``series`` it has not seen (a series all
+        replayed from the database already is passed over), in step order across keys."""
+        unseen = [s for s in series if not _all_seen(slot, s)]
+        points = in_step_order(slot, [(s.key, zip(s.steps, s.values, strict=True)) for s in unseen])
+        for step, key, value in points:
             feed_point(slot, key, step, value, ops, self.stats)
 
     def _catch_up(self, run_id: int, rank: int, first: int | None) -> None:
@@ -460,3 +463,8 @@ class AlertEngine:
             rs = self._runs[run_id]
             if not any(slot.dirty for slot in rs.slots.values()):
                 del self._runs[run_id]
+
+
+def _all_seen(slot: Slot, series: ScalarSeries) -> bool:
+    seen = slot.seen[series.key]
+    return seen is not None and max(series.steps) <= seen

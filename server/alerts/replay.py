@@ -3,15 +3,14 @@ the stored points it has not seen, read back in step order to be fed to it."""
 
 from __future__ import annotations
 
-import heapq
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from sqlalchemy import Connection
 
 from trimtab.detectors import RuleEvaluator, RuleSpec
 from trimtab.server.alerts import store as db
-from trimtab.server.alerts.slots import Slot
+from trimtab.server.alerts.slots import Slot, in_step_order
 
 logger = logging.getLogger("trimtab.server")
 
@@ -55,14 +54,7 @@ def stored_points(
     of each, merged in step order, read forward in pages of ``page`` rows (only the newest
     ``newest`` per key when given)."""
     series = [
-        _tagged(i, key, db.points_after(conn, run_id, slot.rank, key, slot.seen[key], page, newest=newest))
-        for i, key in enumerate(slot.evaluator.keys)
+        (key, db.points_after(conn, run_id, slot.rank, key, slot.seen[key], page, newest=newest))
+        for key in slot.evaluator.keys
     ]
-    for step, _, key, value in heapq.merge(*series):
-        yield step, key, value
-
-
-def _tagged(i: int, key: str, points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, int, str, float]]:
-    """Stored points as (step, key index, key, value), for merging several keys in step order."""
-    for step, value in points:
-        yield step, i, key, value
+    yield from in_step_order(slot, series)

@@ -6,6 +6,8 @@ No I/O here: the engine (``alerts.py``) loads slots, feeds them and writes the o
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +123,23 @@ class RunState:
                 self.add(slot)
             # else other detector settings: the slot is rebuilt from the key's history when next used
         return ops
+
+
+def in_step_order(
+    slot: Slot, series: Iterable[tuple[str, Iterable[tuple[int, float]]]]
+) -> Iterator[tuple[int, str, float]]:
+    """(step, key, value) of the points of several of the slot's keys (each given in step
+    order), merged in step order; within one step, in the order of the evaluator's keys. So a
+    rule watching two keys sees the same sequence however the points were batched."""
+    order = {key: i for i, key in enumerate(slot.evaluator.keys)}
+    tagged = [_tagged(order.get(key, len(order)), key, points) for key, points in series]
+    for step, _, key, value in heapq.merge(*tagged):
+        yield step, key, value
+
+
+def _tagged(rank: int, key: str, points: Iterable[tuple[int, float]]) -> Iterator[tuple[int, int, str, float]]:
+    for step, value in points:
+        yield step, rank, key, value
 
 
 def feed_point(
