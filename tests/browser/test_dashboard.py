@@ -209,11 +209,14 @@ def test_reduce_lr_from_the_panel_is_applied_by_the_trainer(stack: dict[str, Any
     factor = wait_for("the factor input", lambda: browser.find_elements(By.ID, "ctl-factor"))[0]
     factor.clear()
     factor.send_keys("0.5")
+    commands = api_get(f"{stack['server'].url}/api/v1/runs/{run_id}/commands?limit=1000", stack["tokens"]["viewer"])
     browser.find_element(By.ID, "ctl-ask-reduce").click()
     box = browser.find_element(By.ID, "ctl-confirm-box")
     wait_for("the confirmation", lambda: box.is_displayed())
     assert "reduce_lr(factor=0.5)" in box.text
-    assert not browser.find_elements(By.CSS_SELECTOR, "#ctl-table .cmd-applied"), "sent before confirming"
+    time.sleep(0.5)  # a command sent without confirmation would be in the run's list by now
+    now = api_get(f"{stack['server'].url}/api/v1/runs/{run_id}/commands?limit=1000", stack["tokens"]["viewer"])
+    assert len(now) == len(commands), "sent before confirming"  # other tests may have sent some before
     browser.find_element(By.ID, "ctl-confirm").click()
     sent = wait_for("the sent message", lambda: re.search(r"command (\S+)\.$", text(browser, "ctl-sent")))
     applied = wait_for(  # this command's row: other tests may have sent commands before
