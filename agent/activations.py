@@ -3,13 +3,16 @@
 ``arm()`` registers one forward hook on each watched module; the hooks record, for the
 first forward pass with gradients enabled (so not validation, and not an activation-
 checkpointing recompute), the output's mean, std, max |x|, fraction of exact zeros and a
-histogram, all as device tensors. ``collect()`` removes the hooks and returns what they saw.
+histogram, all as device tensors; for a Linear or convolution layer also the fraction of its
+*input* that is (near) zero: the post-activation values, so units killed behind a
+functional ``F.relu`` (no module of its own) are seen too. ``collect()`` removes the hooks and returns what they saw.
 The order in which the hooks fired is the modules' forward order, which NaN provenance uses.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,14 +26,20 @@ from trimtab.histogram import Summary, histogrammable, summarize
 
 logger = logging.getLogger("trimtab")
 
-STATS = ("mean", "std", "max_abs", "zero_frac")
+STATS = ("mean", "std", "max_abs", "zero_frac", "input_zero_frac")
+# A layer input value this close to zero counts as zero: exact zeros behind ReLU, and a GELU or
+# SiLU unit whose pre-activation sits below about -5 (dead in practice) gives less than this.
+INPUT_ZERO_TOL = 1e-6
+# Layers whose input is a unit activation: torch's, and Hugging Face's GPT-2 style Conv1D.
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_LAYER_NAMES = frozenset({"Conv1D"})
 STATS_CHUNK = 1 << 22  # elements per pass of the statistics
 
 
 @dataclass
 class Seen:
     names: list[str] = field(default_factory=list)  # forward order
-    stats: list[torch.Tensor] = field(default_factory=list)  # float32 [4] each
+    stats: list[torch.Tensor] = field(default_factory=list)  # float32 [len(STATS)] each (NaN: not measured)
     hists: list[Summary] = field(default_factory=list)  # parallel to names, when histograms are on
     seconds: float = 0.0
 
@@ -44,6 +53,18 @@ def first_tensor(output: Any) -> torch.Tensor | None:
             if isinstance(item, torch.Tensor):
                 return item
     return None
+
+
+def layer_input(module: nn.Module, args: Any) -> torch.Tensor | None:
+    """The input of a Linear or convolution layer when it is a unit activation: a float tensor
+    inside the autograd graph (the data fed to a first layer is not: a sparse one-hot input
+    is no dead unit)."""
+    if not (isinstance(module, _LAYER_TYPES) or type(module).__name__ in _LAYER_NAMES):
+        return None
+    x = first_tensor(args)
+    if x is None or not x.is_floating_point() or not x.requires_grad or not histogrammable(x):
+        return None
+    return x
 
 
 def default_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,7 +118,8 @@ class ActivationProbe:
                 x = first_tensor(output)
                 if x is None or not histogrammable(x) or not (x.is_floating_point()):
                     return
-                stats, hist = self._summarize(x.detach())
+                inp = layer_input(module, args)
+                stats, hist = self._summarize(x.detach(), None if inp is None else inp.detach())
                 self._seen.names.append(name)
                 self._seen.stats.append(stats)
                 if hist is not None:
@@ -110,9 +132,10 @@ class ActivationProbe:
 
         return hook
 
-    def _summarize(self, x: torch.Tensor) -> tuple[torch.Tensor, Summary | None]:
-        """mean, std (unbiased), max |x| and the zero fraction, accumulated over chunks so that
-        the logits of a large vocabulary never get a full float32 copy."""
+    def _summarize(self, x: torch.Tensor, inp: torch.Tensor | None) -> tuple[torch.Tensor, Summary | None]:
+        """mean, std (unbiased), max |x|, the zero fraction, and the near-zero fraction of the
+        layer's input (NaN without one), accumulated over chunks so that the logits of a large
+        vocabulary never get a full float32 copy."""
         flat = x.reshape(-1)
         n = flat.numel()
         acc = torch.float32 if flat.device.type == "mps" else torch.float64  # MPS has no float64
@@ -128,5 +151,14 @@ class ActivationProbe:
             nonzero += torch.count_nonzero(chunk)
         mean = total / n
         var = ((squares - total * mean) / max(n - 1, 1)).clamp_(min=0.0)
-        stats = torch.stack([mean.float(), var.sqrt().float(), max_abs, (1.0 - nonzero.to(acc) / n).float()])
-        return stats, summarize(x, self.bins) if self.histograms else None
+        stats = [mean.float(), var.sqrt().float(), max_abs, (1.0 - nonzero.to(acc) / n).float()]
+        stats.append(_near_zero_fraction(inp).to(flat.device) if inp is not None else max_abs.new_full((), math.nan))
+        return torch.stack(stats), summarize(x, self.bins) if self.histograms else None
+
+
+def _near_zero_fraction(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1)
+    zeros = torch.zeros((), dtype=torch.int64, device=flat.device)
+    for at in range(0, flat.numel(), STATS_CHUNK):
+        zeros += (flat[at : at + STATS_CHUNK].abs() <= INPUT_ZERO_TOL).sum()
+    return zeros.float() / max(flat.numel(), 1)

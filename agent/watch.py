@@ -380,7 +380,8 @@ class Watcher:
             at, names = layout["acts"]
             for name, row in zip(names, host[at].tolist(), strict=True):
                 for stat, v in zip(STATS, row, strict=True):
-                    record[f"act/{name}/{stat}"] = v
+                    if stat != "input_zero_frac" or not math.isnan(v):  # NaN there: not a layer input
+                        record[f"act/{name}/{stat}"] = v
         if record:
             self.sink.emit_scalars(step, wall, record)
         if "hists" in layout:

@@ -49,7 +49,7 @@ _DEFAULTS: tuple[dict[str, Any], ...] = (
     },
     {
         "name": "dead-units",
-        "key": "act/*/zero_frac",
+        "key": "act/*zero_frac",  # a module's output zeros, and a layer's input (behind a functional F.relu)
         "detector": "threshold",
         "params": {"op": ">", "limit": 0.95, "patience": 2},
     },

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from trimtab.watch import Watcher, WatchOptions
 
@@ -149,8 +150,53 @@ def test_sampled_steps_add_norms_ratios_histograms_and_activations() -> None:
         assert got["act/2/std"] == pytest.approx(float(acts[f"{step}/2"].std()), rel=1e-5)
         assert got["act/2/max_abs"] == pytest.approx(float(acts[f"{step}/2"].abs().max()))
         assert sum(sink.histograms[("acts/1", step)][0]) == relu.numel()
+        # the second Linear's input is the ReLU's output; the first one's is data: not measured
+        assert got["act/2/input_zero_frac"] == pytest.approx(got["act/1/zero_frac"])
+        assert "act/0/input_zero_frac" not in got and "act/1/input_zero_frac" not in got
     assert not any(k.startswith("weight_norm/") for k in sink.scalars[4])
     assert ("weights/0.weight", 4) not in sink.histograms
+
+
+class FunctionalNet(nn.Module):
+    """ReLU and GELU as functions, as most transformer code writes them: no module to hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.fc3(F.gelu(self.fc2(F.relu(self.fc1(x)))))
+        return out
+
+
+def test_units_dead_behind_functional_activations_are_seen_at_the_next_layer() -> None:
+    from trimtab.detectors import DEFAULT_RULES, RuleEvaluator
+
+    torch.manual_seed(0)
+    model = FunctionalNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    watcher, sink = watch(model, opt, sample_every=1, overhead_budget=None)
+    for step in range(6):
+        if step == 3:
+            with torch.no_grad():  # a burst killed them: every pre-activation far below zero
+                model.fc1.bias.fill_(-50.0)
+                model.fc2.bias.fill_(-50.0)
+        loss = model(torch.randn(16, 6)).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        watcher.step(loss, step, None, None)
+        opt.step()
+        opt.zero_grad()
+    watcher.close()
+    assert sink.scalars[0]["act/fc2/input_zero_frac"] < 0.9 and sink.scalars[0]["act/fc3/input_zero_frac"] < 0.1
+    assert sink.scalars[4]["act/fc2/input_zero_frac"] == 1.0  # F.relu: exact zeros
+    assert sink.scalars[4]["act/fc3/input_zero_frac"] == 1.0  # F.gelu of -50: below the tolerance
+    assert "act/fc1/input_zero_frac" not in sink.scalars[4]  # the data: not a unit activation
+    (dead,) = [r for r in DEFAULT_RULES if r.name == "dead-units"]
+    evaluator = RuleEvaluator(dead, "act/fc2/input_zero_frac")
+    found = [
+        evaluator.update("act/fc2/input_zero_frac", s, sink.scalars[s]["act/fc2/input_zero_frac"]) for s in range(6)
+    ]
+    assert [f.step for f in found if f is not None] == [4, 5]  # patience 2
 
 
 def test_loss_scale_and_scaled_gradients_are_unscaled() -> None:
@@ -419,10 +465,14 @@ def test_activation_statistics_are_exact_over_chunks(monkeypatch: pytest.MonkeyP
     x = torch.randn(4321, generator=torch.Generator().manual_seed(4)) * 3 + 1
     x[::7] = 0.0
     probe = activations.ActivationProbe([], bins=8, histograms=False, warn=lambda t, m: None)
-    stats, _ = probe._summarize(x.bfloat16())
+    layer_input = x.clone()
+    layer_input[::3] = 1e-7  # near zero: counted with the exact zeros
+    stats, _ = probe._summarize(x.bfloat16(), layer_input)
     ref = x.bfloat16().float()
     expected = [float(ref.mean()), float(ref.std()), float(ref.abs().max()), float((ref == 0).float().mean())]
+    expected.append(float((layer_input.abs() <= 1e-6).float().mean()))
     assert stats.tolist() == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(probe._summarize(x, None)[0][4])  # not a layer input: not measured
 
 
 # --------------------------------------------------------------------------- awkward models
