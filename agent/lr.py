@@ -12,6 +12,8 @@ for that step:
 - ``set_lr(lr)`` overrides: every update uses ``lr`` for param group 0 (other groups keep
   the ratio to group 0 they had when the command came), whatever the owner sets, until the
   next ``set_lr``; a later ``reduce_lr`` multiplies the override.
+- the autopilot, after a rollback, caps: no update uses more than the LR of the snapshot it
+  went back to (x the cuts since), until a ``set_lr``.
 
 The param groups hold the owner's LR again right after the step, so schedulers that read it
 (CosineAnnealingLR's recursive form), ``get_last_lr()`` and the script's own bookkeeping
@@ -33,28 +35,43 @@ from typing import Any
 class LrPlan:
     factor: float = 1.0  # product of every reduce_lr since the last set_lr
     override: list[float] | None = None  # set_lr: the LR of each param group, in place of the owner's
+    # The autopilot after a rollback: each group's LR at most this (the LR the run used at the
+    # snapshot it went back to, x the cuts since), so a fault the owner keeps re-creating
+    # (a schedule or script setting the LR 100x too high) cannot come back. set_lr lifts it.
+    ceiling: list[float] | None = None
 
     @property
     def active(self) -> bool:
-        return self.override is not None or self.factor != 1.0
+        return self.override is not None or self.factor != 1.0 or self.ceiling is not None
 
     def used(self, index: int, owner: float) -> float:
         """The LR group ``index`` updates with when its owner set ``owner``."""
         base = owner if self.override is None or index >= len(self.override) else self.override[index]
-        return base * self.factor
+        lr = base * self.factor
+        if self.ceiling is not None and index < len(self.ceiling):
+            lr = min(lr, self.ceiling[index])
+        return lr
 
     def reduce(self, factor: float) -> None:
         self.factor *= factor
+        if self.ceiling is not None:
+            self.ceiling = [c * factor for c in self.ceiling]
+
+    def cap(self, lrs: list[float]) -> None:
+        """Hold each group's LR at or below ``lrs`` (the lower of two caps)."""
+        old = self.ceiling
+        self.ceiling = list(lrs) if old is None else [min(a, b) for a, b in zip(old, lrs, strict=False)]
 
     def set(self, lr: float, owners: list[float]) -> None:
         """Group 0 at ``lr``, the others at their current ratio to group 0 (``lr`` too when
-        group 0's LR is 0, as at the start of a warm-up)."""
+        group 0's LR is 0, as at the start of a warm-up). A person sets the LR: no cap."""
         first = owners[0] if owners else 0.0
         self.override = [lr * (o / first) if first > 0 else lr for o in owners] or [lr]
         self.factor = 1.0
+        self.ceiling = None
 
     def describe(self) -> dict[str, Any]:
-        return {"factor": self.factor, "override": self.override}
+        return {"factor": self.factor, "override": self.override, "ceiling": self.ceiling}
 
 
 def owner_lrs(optimizer: Any) -> list[float]:
@@ -106,5 +123,9 @@ def _put(plan: LrPlan, index: int, owned: Any) -> Any:
     if isinstance(owned, (int, float)):
         return plan.used(index, float(owned))
     if plan.override is not None and index < len(plan.override):
-        return owned.new_full(owned.shape, plan.override[index] * plan.factor)
-    return owned * plan.factor
+        value = owned.new_full(owned.shape, plan.override[index] * plan.factor)
+    else:
+        value = owned * plan.factor
+    if plan.ceiling is not None and index < len(plan.ceiling):
+        value = value.clamp(max=plan.ceiling[index])
+    return value

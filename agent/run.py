@@ -139,9 +139,7 @@ class Run:
                 record = dict(data)
             elif not record:
                 return  # every value was dropped (and counted) by _sanitize
-            if not self._buffer.put((step, time.time(), record)):
-                self.drops.add("queue_full", len(record))
-                self._warn_once("queue", "log queue is full (the sender cannot keep up); points dropped and counted")
+            self._put_scalars(step, time.time(), record)
         except Exception as exc:
             if not isinstance(data, Mapping):
                 self.drops.add("bad_data")
@@ -255,15 +253,15 @@ class Run:
             self._autopilot = None
             return
         opts = AutopilotOptions(**options)
-        self._autopilot = Autopilot(self._control, opts, self.identity.world_size, self.uid)
+        self._autopilot = Autopilot(
+            self._control, opts, self.identity.world_size, self.uid, connected=self._sender.connected.is_set
+        )
 
     def _configure_autopilot(self, enabled: bool, options: dict[str, Any]) -> dict[str, Any]:
         """The ``set_autopilot`` command (a policy pushed by the server), on the training thread."""
         from trimtab.autopilot import AutopilotOptions
 
-        unknown = sorted(set(options) - set(AutopilotOptions.names()))
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(AutopilotOptions.names())}")
+        AutopilotOptions.check_names(options)
         self.autopilot(enabled, **options)
         return {"enabled": enabled, "options": options}
 
@@ -326,22 +324,8 @@ class Run:
         self._boundary(step, loss)
 
     def _autopilot_step(self, step: int, loss: Any) -> None:
-        pilot = self._autopilot
-        if pilot is None:
-            return
-        loss_value: float | None = None
-        grad_norm: float | None = None
-        watcher = self._watcher
-        if watcher is not None and watcher.head is not None:
-            values = watcher.head.tolist()  # one synchronisation on a GPU: the autopilot's price
-            has_loss, has_grad = watcher.head_has
-            loss_value = values[0] if has_loss else None
-            grad_norm = values[1] if has_grad else None
-        elif loss is not None:
-            item = getattr(loss, "item", None)
-            loss_value = float(item() if callable(item) else loss)
-        amp = watcher is not None and watcher.scaler is not None
-        pilot.decide(step, loss_value, grad_norm, amp)
+        if self._autopilot is not None:
+            self._autopilot.decide_from(step, self._watcher, loss)
 
     def _boundary(self, step: int | None, loss: Any = None) -> None:
         """The step boundary: take a due snapshot, apply queued commands (waiting here while
@@ -445,9 +429,11 @@ class Run:
         level = "info" if result.get("status") == APPLIED else "warning"
         self._sink.emit_event(EVENT_COMMAND, result.get("step"), dict(result), level)
         step = result.get("step")
-        if (result.get("detail") or {}).get("source") == "autopilot" and isinstance(step, int):
-            # A scalar as well, so the shipped `autopilot-acted` rule alerts on automatic actions.
-            self._put_scalars(step, time.time(), {"autopilot/actions": 1.0})
+        from trimtab.autopilot import autopilot_scalars
+
+        record = autopilot_scalars(result)
+        if record and isinstance(step, int):
+            self._put_scalars(step, time.time(), record)
 
     def _log_lrs(self, step: int, lrs: dict[int, float]) -> None:
         """``lr/group<i>``: the LR each param group's update of ``step`` used."""

@@ -9,11 +9,19 @@ seeded onset between steps 250 and 400):
 * ``fp16_overflow``: fp16 autocast without a GradScaler; one batch overflows fp16, and its
   gradients are infinite;
 * ``dead_relu``: three steps at LR 0.3 (a burst) kill ReLU units;
+* ``lr_script``: the script sets its LR by hand every iteration and, from the onset, 100x
+  too high (a rollback alone does not help: the script re-creates the fault);
+* ``lr_scheduler``: the same fault made by a ``LambdaLR`` whose factor jumps x100;
+* ``corrupted_weights``: the first layer's weights get noise of 30x their spread (a bad
+  write); the loss jumps and stays up;
+* ``persistent_nan``: one weight becomes Inf, so every later loss is NaN;
 * ``healthy``: no fault (the autopilot must not make it worse).
 
 Arms: ``none``; ``autopilot`` (``run.autopilot()`` with its defaults, snapshots every 10
 steps); ``human``: 10 steps after the onset a person sends ``rollback`` to before the onset
-(and, for ``high_lr``, ``set_lr`` back to the old LR), through the same controller. A run
+(and, for the LR faults, ``set_lr`` back to the old LR, which holds on top of the script's
+or scheduler's LR), through the same controller. A run whose autopilot gave up (it asks the
+loop to stop offline) ends there. A run
 *recovers* when its final held-out loss is within 0.05 nats of the clean twin's. Target:
 the autopilot recovers >= 80 % of the recoverable runs (those the human rollback recovers)
 and never harms a healthy one.
@@ -21,7 +29,10 @@ and never harms a healthy one.
 Runs offline (the agent spools; no server): commands go through the agent's controller as
 the sender would hand them over.
 
-    .venv/bin/python benchmarks/remediation.py [--seeds 5]
+    .venv/bin/python benchmarks/remediation.py [--seeds 5] [--first-seed 0]
+
+Seeds 0-4 are the ones the autopilot's defaults were tuned on; report held-out seeds
+(``--first-seed 5``) beside them.
 """
 
 from __future__ import annotations
@@ -49,7 +60,18 @@ from detector_scenarios import Teacher, mlp, onset_step
 STEPS = 600
 TOLERANCE = 0.05
 HUMAN_DELAY = 10
-SCENARIOS = ("high_lr", "corrupted", "fp16_overflow", "dead_relu", "healthy")
+SCENARIOS = (
+    "high_lr",
+    "corrupted",
+    "fp16_overflow",
+    "dead_relu",
+    "lr_script",
+    "lr_scheduler",
+    "corrupted_weights",
+    "persistent_nan",
+    "healthy",
+)
+LR_FAULTS = ("high_lr", "lr_script", "lr_scheduler")
 ARMS = ("none", "autopilot", "human")
 
 
@@ -66,6 +88,9 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
     teacher, model = Teacher(seed), mlp(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     onset = onset_step(seed, STEPS)
+    sched = None
+    if scenario == "lr_scheduler":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 100.0 if s >= onset else 1.0)
     fp16 = scenario == "fp16_overflow"
     run = trimtab.init(server="http://127.0.0.1:9", project="remediation", spool_dir=spool, replay_orphans=False)
     try:
@@ -87,6 +112,16 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
             if scenario == "high_lr" and step == onset:
                 for group in opt.param_groups:
                     group["lr"] *= 100
+            if scenario == "lr_script":
+                for group in opt.param_groups:
+                    group["lr"] = 1e-3 * (100 if step >= onset else 1)
+            if scenario == "corrupted_weights" and step == onset:
+                with torch.no_grad():
+                    weight = next(model.parameters())
+                    weight.add_(torch.randn_like(weight) * 30 * weight.std())
+            if scenario == "persistent_nan" and step == onset:
+                with torch.no_grad():
+                    next(model.parameters())[0, 0] = math.inf
             if scenario == "corrupted" and onset <= step < onset + 2:
                 x = x * 1000
             if fp16 and step == onset:
@@ -100,7 +135,7 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
             if arm == "human" and scenario != "healthy" and step == onset + HUMAN_DELAY:
                 before = (onset - 1) // 10 * 10
                 control.receive(Command(f"h{seed}", "rollback", {"to_step": before}))
-                if scenario == "high_lr":
+                if scenario in LR_FAULTS:
                     control.receive(Command(f"l{seed}", "set_lr", {"lr": 1e-3}))
             with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
                 logits = model(x)
@@ -109,6 +144,10 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
             run.step(loss, step=step)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            if run.should_stop():  # the autopilot gave up (offline it asks the loop to stop)
+                break
     finally:
         run.finish(timeout=0.2)
     return held_out_loss(model, seed)
@@ -117,13 +156,14 @@ def train(scenario: str, seed: int, arm: str, spool: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="5: the held-out seeds, never tuned on")
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
     args = parser.parse_args()
     logging.getLogger("trimtab").setLevel(logging.ERROR)  # offline on purpose: no spool chatter
     started = time.perf_counter()
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as spool:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             twin = train("healthy", seed, "none", spool)
             for scenario in args.scenarios:
                 for arm in ARMS:
@@ -131,7 +171,8 @@ def main() -> int:
                     results.setdefault((scenario, arm), []).append((final, twin))
             print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     recovered: Callable[[tuple[float, float]], bool] = lambda r: r[0] <= r[1] + TOLERANCE  # noqa: E731
-    print(f"\nfinal held-out loss vs the clean twin; recovered = within {TOLERANCE} nats; {args.seeds} seeds\n")
+    seeds = f"seeds {args.first_seed}-{args.first_seed + args.seeds - 1}"
+    print(f"\nfinal held-out loss vs the clean twin; recovered = within {TOLERANCE} nats; {seeds}\n")
     print(f"{'scenario':15} {'arm':10} {'recovered':>10} {'mean excess (nats)':>19}")
     auto_ok = auto_total = 0
     harmed = False

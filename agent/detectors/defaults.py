@@ -26,6 +26,13 @@ _DEFAULTS: tuple[dict[str, Any], ...] = (
         "detector": "threshold",
         "params": {"op": ">", "limit": 0.0},
     },
+    {
+        "name": "autopilot-gave-up",
+        "key": "autopilot/gave_up",
+        "detector": "threshold",
+        "params": {"op": ">", "limit": 0.0},
+        "severity": "critical",
+    },
     {"name": "nonfinite-grad-norm", "key": "grad_norm/total", "detector": "nonfinite"},
     {
         "name": "loss-spike",

@@ -21,9 +21,15 @@ REMEDY_AUTOPILOT = (
     "The autopilot acted on its own (skipped updates, cut the LR or rolled back): check the run's "
     "commands with source=autopilot, and the alert that explains why."
 )
+REMEDY_GAVE_UP = (
+    "The autopilot could not recover the run (it rolled back and cut the LR, and the trouble came back) "
+    "and paused it: look at the data and the LR schedule around the first alert, then resume, roll back "
+    "or stop it from the control panel."
+)
 REMEDY_THRESHOLD = "A watched value crossed its limit: check the run's recent changes (data, LR, batch size)."
 
 _BY_KEY = (
+    ("autopilot/gave_up", REMEDY_GAVE_UP),
     ("autopilot/", REMEDY_AUTOPILOT),
     ("attn", REMEDY_ATTENTION),
     ("act/", REMEDY_DEAD),

@@ -111,11 +111,12 @@ def test_skips_are_capped_then_the_lr_is_reduced(run: trimtab.Run) -> None:
     kinds = [(h["kind"], h["step"], h["detail"].get("over_cap")) for h in auto(run)]
     skips = [(step, over) for kind, step, over in kinds if kind == "skip_batches"]
     # every NaN step is rejected (a NaN update would ruin the weights); from the 4th in a row
-    # on they are over the cap, and the autopilot escalates once (refractory period)
+    # on they are over the cap, and the autopilot escalates (once: refractory period); the 5th
+    # in a row is a streak, and with no snapshot to go back to it cuts the LR again
     assert skips == [(80, False), (81, False), (82, False), (83, True), (84, True), (85, True)]
-    assert [(k, s) for k, s, _ in kinds if k == "reduce_lr"] == [("reduce_lr", 82)]
+    assert [(k, s) for k, s, _ in kinds if k == "reduce_lr"] == [("reduce_lr", 82), ("reduce_lr", 84)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert run.learning_rates()[0] == pytest.approx(before * 0.5)
+    assert run.learning_rates()[0] == pytest.approx(before * 0.25)
     assert opt.param_groups[0]["lr"] == before  # the cut applies at each step, on top of the script's LR
 
 
@@ -161,3 +162,99 @@ def test_a_lasting_level_change_is_not_cut_to_nothing(run: trimtab.Run) -> None:
     assert opt.param_groups[0]["lr"] >= start_lr * 0.5**3
     late_skips = [h for h in auto(run, "skip_batches") if h["step"] > 400]
     assert late_skips == []  # the new level became normal
+
+
+def test_a_persistent_nan_from_corrupted_weights_is_rolled_back(run: trimtab.Run) -> None:
+    """A weight turned to Inf makes every later loss NaN: rejecting updates forever trains
+    nothing. After a streak the autopilot goes back to the snapshot before it and training
+    goes on."""
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000, snapshot_every=10, snapshot_keep=5)
+    run.autopilot()
+    train(run, model, opt, range(100))
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.inf  # a corrupted weight (a bad write, a flipped bit)
+    losses = train(run, model, opt, range(100, 200))
+    (back,) = auto(run, "rollback")
+    assert back["step"] == 104 and back["detail"]["restored_step"] == 90  # the 5th non-finite step in a row
+    assert "5 non-finite steps in a row" in back["detail"]["reason"]
+    assert all(math.isfinite(v) for v in losses[5:]) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert not run.should_stop() and not auto(run, "stop")
+
+
+def test_nan_that_no_rollback_cures_ends_in_giving_up_not_rejecting_forever(run: trimtab.Run) -> None:
+    """Every batch is NaN from step 100 on (a broken data source): the rollbacks and LR cuts
+    do not help, so the autopilot gives up: offline it asks the loop to stop (with a server
+    it pauses the run) and says why."""
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000, snapshot_every=10, snapshot_keep=5)
+    run.autopilot(max_lr_reductions=3)
+
+    def broken(step: int, x: torch.Tensor) -> torch.Tensor:
+        if step >= 100:
+            x[:, 0] = math.nan
+        return x
+
+    g = torch.Generator().manual_seed(1)
+    stopped_at = None
+    for step in range(400):
+        x = broken(step, torch.randn(32, 8, generator=g))
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        run.step(loss, step=step)
+        opt.step()
+        opt.zero_grad()
+        if run.should_stop():
+            stopped_at = step
+            break
+    kinds = [h["kind"] for h in auto(run) if h["kind"] != "skip_batches"]
+    # the skip cap cuts the LR once; the streak rolls back (and cuts); a relapse 5 steps later
+    # rolls back and cuts again; the next finds the 3 cuts spent and gives up
+    assert kinds == ["reduce_lr", "rollback", "reduce_lr", "rollback", "reduce_lr", "stop"], kinds
+    (gave_up,) = auto(run, "stop")
+    assert gave_up["detail"]["gave_up"] and "no LR cut left" in gave_up["detail"]["reason"]
+    assert stopped_at == gave_up["step"] < 130
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_run_with_a_server_is_paused_when_the_autopilot_gives_up() -> None:
+    from trimtab.autopilot import Autopilot, AutopilotOptions
+    from trimtab.control import Controller, Target
+
+    model, opt = task()
+    control = Controller()
+    control.attach(Target(model, opt))
+    pilot = Autopilot(control, AutopilotOptions(max_lr_reductions=0), connected=lambda: True)
+    for step in range(5):
+        pilot.decide(step, math.nan, 1.0, amp=False)
+    assert control.paused and not control.stop_requested
+    (entry,) = [h for h in control.history if h["kind"] == "pause"]
+    assert entry["step"] == 4 and entry["detail"]["gave_up"]
+
+
+def test_a_script_owned_lr_fault_is_cut_until_the_run_recovers(run: trimtab.Run) -> None:
+    """The script sets its LR every iteration and from step 300 on sets it 100x too high: a
+    rollback alone would not help (the script re-creates the fault), nor would halving cuts
+    that only scale the script's LR; the rollback caps the LR at the snapshot's, on top of
+    whatever the script sets, and the loss comes back down."""
+    model, opt = task()
+    run.watch(model, opt, sample_every=1000, snapshot_every=10, snapshot_keep=5)
+    run.autopilot()
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(700):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * (100 if step >= 300 else 1)
+        x = torch.randn(32, 8, generator=g)
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()  # type: ignore[no-untyped-call]
+        run.step(loss, step=step)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    healthy = sorted(losses[250:300])[25]
+    assert auto(run, "rollback") and not auto(run, "stop") and not auto(run, "pause")
+    assert sorted(losses[-50:])[25] < 2 * healthy, (healthy, losses[-50:])
+    # capped at the LR of the snapshot it went back to (x its cuts), on top of the script's LR
+    assert run.learning_rates()[0] <= 1e-2 * 0.5
+    assert opt.param_groups[0]["lr"] == 1.0  # the script's own value, untouched

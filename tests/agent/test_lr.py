@@ -220,3 +220,27 @@ def test_an_lr_the_step_itself_assigns_is_kept() -> None:
     with applied(opt, plan):
         opt.param_groups[0]["lr"] = 0.7  # an optimizer that adapts its own LR (D-Adaptation and friends)
     assert opt.param_groups[0]["lr"] == 0.7
+
+
+def test_the_autopilots_cap_holds_under_a_rising_owner_lr_and_set_lr_lifts_it() -> None:
+    loop = Loop()
+    loop.control.lr.cap([0.05, 0.01])  # as the autopilot does after a rollback
+    for group in loop.opt.param_groups:
+        group["lr"] = 10.0  # the script keeps re-creating an LR fault
+    assert loop.step(0) == pytest.approx([0.05, 0.01], rel=1e-9)
+    loop.command("r", "reduce_lr", factor=0.5)  # a cut scales the cap too, or it would do nothing
+    assert loop.step(1) == pytest.approx([0.025, 0.005], rel=1e-9)
+    loop.command("s", "set_lr", lr=0.2)  # a person takes over: no cap
+    assert loop.step(2) == pytest.approx([0.2, 0.2], rel=1e-9)
+    assert loop.control.lr.ceiling is None
+
+
+def test_a_tensor_lr_is_capped_on_its_device() -> None:
+    lr = torch.tensor(0.5)
+    param = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([param], lr=lr)
+    plan = LrPlan(ceiling=[0.1])
+    with applied(opt, plan):
+        put = opt.param_groups[0]["lr"]
+        assert isinstance(put, torch.Tensor) and float(put) == pytest.approx(0.1)
+    assert opt.param_groups[0]["lr"] is lr
