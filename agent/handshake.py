@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from trimtab import protocol
+from trimtab.local_token import local_token_path
 from trimtab.options import Options
 
 # websockets >= 17 warns unless a directly returned connection is asked for explicitly.
@@ -59,7 +60,7 @@ class Handshake:
         exc = self.error
         server = self._opts.server
         if isinstance(exc, RemoteError):
-            return f"{server} refused the connection: {exc}", exc.code in FATAL_CODES
+            return f"{server} refused the connection: {exc}{_fix_for(exc.code)}", exc.code in FATAL_CODES
         if isinstance(exc, InvalidStatus):
             return f"{server} answered HTTP {exc.response.status_code} instead of a websocket", False
         if isinstance(exc, (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, protocol.ProtocolError)):
@@ -103,3 +104,18 @@ class Handshake:
         if not isinstance(frame, protocol.Welcome):
             raise RemoteError("bad_frame", f"expected welcome, got {type(frame).__name__.lower()}")
         return frame
+
+
+def _fix_for(code: str) -> str:
+    """What to do about a refusal, for the codes a user can fix."""
+    if code == "unauthorized":
+        return (
+            f". Fix: pass token= to trimtab.init or set TRIMTAB_TOKEN to a token with the 'ingest' scope "
+            f"(on the server's machine: trimtab token create --scopes ingest); a server on this machine with "
+            f"its default database leaves one in {local_token_path()}, which trimtab.init reads"
+        )
+    if code == "forbidden":
+        return ". Fix: use a token with the 'ingest' scope (trimtab token create --scopes ingest)"
+    if code == "unsupported_version":
+        return ". Fix: install the same trimtab version as the server's (pip install -U trimtab)"
+    return ""

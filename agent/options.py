@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from trimtab.addresses import is_loopback
+from trimtab.local_token import local_token_path, read_local_token
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
@@ -103,6 +106,9 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
         values.update(_distributed_rank())
     opts = Options(**values)
     _check_server_url(opts.ws_url, opts.server)
+    if opts.token is None and is_loopback(urlsplit(opts.ws_url).hostname or ""):
+        # A server on this machine leaves a token for its agents (local_token.py).
+        opts.token = read_local_token(local_token_path(env))
     return opts
 
 

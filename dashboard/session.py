@@ -1,4 +1,5 @@
-"""Log in once with an API token; a signed, HTTP-only session cookie carries it afterwards.
+"""Log in once with an API token (pasted in the form, or from the link ``trimtab server``
+prints); a signed, HTTP-only session cookie carries it afterwards.
 
 The cookie is Flask's session (signed with the dashboard's secret by itsdangerous, HttpOnly,
 SameSite=Lax so other sites cannot post callbacks with it). It holds the token and the
@@ -53,9 +54,11 @@ def install(server: flask.Flask, api_url: str, *, auth: bool, secret: str, secur
         next_url = _safe_next(flask.request.values.get("next", "/"))
         if not auth:
             return flask.redirect(next_url)
-        if flask.request.method == "GET":
+        if flask.request.method == "GET" and not flask.request.args.get("token"):
             return _login_page(next_url, None)
-        token = (flask.request.form.get("token") or "").strip()
+        # POST from the form, or GET with ?token= (the link `trimtab server` prints for this
+        # machine's token: one click logs in, then the token leaves the address bar)
+        token = (flask.request.values.get("token") or "").strip()
         if not token:
             return _login_page(next_url, "Paste an API token."), 400
         try:
@@ -120,5 +123,7 @@ button {{ padding: .5em 1.2em; }} .error {{ color: #b00020; }} .hint {{ color: #
 {message}
 <button id="login-submit" type="submit">Log in</button>
 <p class="hint">Create one with <code>trimtab token create --scopes read,control</code>.
-A token with only <code>read</code> shows the run without its control panel.</p>
+A token with only <code>read</code> shows the run without its control panel.
+A <code>trimtab server</code> started on this machine with its default database prints a
+link that logs you in.</p>
 </form></body></html>"""

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trimtab.addresses import is_loopback
+from trimtab.local_token import default_data_dir
 from trimtab.protocol import MAX_FRAME_BYTES
-
-
-def default_data_dir() -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "trimtab"
 
 
 class Settings(BaseSettings):

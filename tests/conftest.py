@@ -22,6 +22,13 @@ def _backends() -> list[str]:
 
 
 @pytest.fixture(autouse=True)
+def own_data_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data dir of the test's own (agents and servers it starts inherit it): a local-token
+    file a `trimtab server` left on this machine must not reach the tests' agents."""
+    monkeypatch.setenv("TRIMTAB_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(autouse=True)
 def no_swallowed_agent_errors() -> Iterator[None]:
     before = internal.error_count()
     yield

@@ -122,8 +122,7 @@ class ServerProcess:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--db",
-                self.db_url,
+                *(["--db", self.db_url] if self.db_url else []),  # none: the embedded database in the data dir
                 *self.extra_args,
             ],
             stdout=log,

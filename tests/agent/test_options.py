@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from trimtab.options import Options, default_spool_dir, resolve
@@ -54,3 +56,16 @@ def test_spool_dir_default_and_off() -> None:
 def test_malformed_server_url_fails_at_init(server: str) -> None:
     with pytest.raises(ValueError, match="not a valid"):
         resolve({"server": server}, {})
+
+
+def test_a_server_on_this_machine_lends_its_local_token(tmp_path: Path) -> None:
+    (tmp_path / "local-token").write_text("tt_local\n")
+    env = {"TRIMTAB_DATA_DIR": str(tmp_path)}
+    assert resolve({"server": "http://127.0.0.1:8000"}, env).token == "tt_local"
+    assert resolve({"server": "http://localhost:8000"}, env).token == "tt_local"
+    assert resolve({"server": "http://[::1]:8000"}, env).token == "tt_local"
+    # a server elsewhere never gets it, and a token given explicitly wins
+    assert resolve({"server": "http://trimtab.example.com:8000"}, env).token is None
+    assert resolve({"server": "http://127.0.0.1:8000", "token": "tt_mine"}, env).token == "tt_mine"
+    assert resolve({"server": "http://127.0.0.1:8000"}, {**env, "TRIMTAB_TOKEN": "tt_env"}).token == "tt_env"
+    assert resolve({"server": "http://127.0.0.1:8000"}, {"TRIMTAB_DATA_DIR": str(tmp_path / "none")}).token is None
