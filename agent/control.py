@@ -81,6 +81,7 @@ class Controller:
         self.lr = LrPlan()  # what LR commands put in force (applied at optimizer.step, lr.py)
         self.boundary_step: int | None = None  # the step of the last boundary
         self._on_lr: Callable[[int, dict[int, float]], None] | None = None
+        self._on_skipped: Callable[[int], None] | None = None
         self._lr_reported: int | None = None
 
     # ------------------------------------------------------------------ wiring (by Run)
@@ -109,6 +110,11 @@ class Controller:
 
     def add_rollback_handler(self, handler: Callable[[int], Any]) -> None:
         self.rollback_handlers.append(handler)
+
+    def on_update_skipped(self, report: Callable[[int], None]) -> None:
+        """Called at each boundary whose update is not applied (skip_batches, a rollback's
+        step, the autopilot rejecting it)."""
+        self._on_skipped = report
 
     def on_lr_used(self, report: Callable[[int, dict[int, float]], None]) -> None:
         """Called once per step from ``optimizer.step`` with each param group's LR that step
@@ -185,6 +191,11 @@ class Controller:
         elif self.skip_remaining > 0:
             self.skip_now = True
             self.skip_remaining -= 1
+        if self.skip_now and self._on_skipped is not None:
+            try:
+                self._on_skipped(step)
+            except Exception as exc:
+                internal.report("skipped-update report", exc)
 
     def release(self) -> None:
         """The run is finishing: end a pause (the training thread must not wait forever)."""

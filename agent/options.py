@@ -52,6 +52,9 @@ class Options:
     # How long a rank > 0 waits at init for rank 0 to publish the run's uid.
     rank_sync_timeout: float = 60.0
     config: dict[str, Any] = field(default_factory=dict)
+    # The first step when run.step / run.log are given none: a script resuming from a
+    # checkpoint at iteration N passes start_step=N and its steps go on from there.
+    start_step: int = 0
 
     @property
     def spool_path(self) -> Path | None:
@@ -106,6 +109,8 @@ def resolve(kwargs: dict[str, Any], environ: dict[str, str] | None = None) -> Op
         values.update(_distributed_rank())
     opts = Options(**values)
     _check_server_url(opts.ws_url, opts.server)
+    if type(opts.start_step) is not int or opts.start_step < 0:
+        raise ValueError(f"trimtab.init: start_step must be an integer >= 0, got {opts.start_step!r}")
     if opts.token is None and is_loopback(urlsplit(opts.ws_url).hostname or ""):
         # A server on this machine leaves a token for its agents (local_token.py).
         opts.token = read_local_token(local_token_path(env))

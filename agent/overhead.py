@@ -95,11 +95,19 @@ class Governor:
             return None
         if plain is not None and plain > budget:
             if per_param:
-                return Change(sample_every, False, "per-parameter gradient norms now only on sampled steps", budget)
+                action = (
+                    "per-parameter gradient norms are now logged only on sampled steps (the total stays every step)"
+                )
+                return Change(sample_every, False, action, budget)
             if self._said_none_left:
                 return None
             self._said_none_left = True  # sampling less would not help: say so once
-            return Change(sample_every, per_param, "none left: the every-step work alone is over budget", budget)
+            action = (
+                f"nothing left to cut: the work done on every step (loss, total gradient norm, NaN check) "
+                f"alone costs {plain:.2f}% of steps this short, and sampling less cannot lower it; "
+                "the cadence stays (overhead_budget=None silences this)"
+            )
+            return Change(sample_every, per_param, action, budget)
         if sample_every < MAX_SAMPLE_EVERY:
-            return Change(2 * sample_every, per_param, f"sampling every {2 * sample_every} steps", budget)
+            return Change(2 * sample_every, per_param, f"sampled statistics now every {2 * sample_every} steps", budget)
         return None

@@ -55,7 +55,7 @@ class Run:
         self.uid = run_uid(opts)
         self._pid = os.getpid()
         self._closed = False
-        self._next_step = 0
+        self._next_step = opts.start_step
         self._train_step: int | None = None  # the last step given to run.step
         self._watcher: Watcher | None = None
         self._id: int | None = None
@@ -76,6 +76,7 @@ class Run:
         self._control.use_lockstep(lockstep_for(opts, self.uid))
         self._control.on_autopilot_policy(self._configure_autopilot)
         self._control.on_lr_used(self._log_lrs)
+        self._control.on_update_skipped(lambda step: self._put_scalars(step, time.time(), {"update_skipped": 1.0}))
         self._autopilot: Autopilot | None = None
         spool = self._open_spool()
         self._sender = Sender(
@@ -196,7 +197,7 @@ class Run:
             if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
                 self._warn_once("watch-opt", f"run.watch: {type(optimizer).__name__} is not a torch Optimizer; ignored")
                 optimizer = None
-            next_step = 0 if self._train_step is None else self._train_step + 1
+            next_step = self.options.start_step if self._train_step is None else self._train_step + 1
             self._watcher = Watcher(self._sink, model, optimizer, scheduler, scaler, opts, next_step)
             self._control.attach(Target(model, optimizer, scheduler, scaler), snapshots)
             if optimizer is not None:
@@ -300,14 +301,15 @@ class Run:
         if you clip), before ``optimizer.step()`` and ``zero_grad()``. ``loss`` may be a tensor
         on any device; it is never synchronised. Never blocks or raises.
 
-        ``step`` defaults to the previous step + 1 (0 first); ``batch_size`` and ``tokens`` (per
-        optimizer step) give throughput. After ``step``, ``log`` without a step logs at it.
+        ``step`` defaults to the previous step + 1 (first: ``trimtab.init(start_step=...)``,
+        0 unless a script resuming from a checkpoint says otherwise); ``batch_size`` and
+        ``tokens`` (per optimizer step) give throughput. After ``step``, ``log`` without a step logs at it.
         """
         try:
             if self._closed:
                 return
             if step is None:
-                step = 0 if self._train_step is None else self._train_step + 1
+                step = self.options.start_step if self._train_step is None else self._train_step + 1
             elif not is_integral(step):
                 self._warn_once("step", f"step must be an int, got {type(step).__name__}; step ignored")
                 return

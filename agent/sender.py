@@ -97,6 +97,7 @@ class Sender:
         self._offline_deadline = float("inf")
         self._backoff = Backoff(BACKOFF_INITIAL, opts.max_backoff)
         self._next_attempt = 0.0
+        self._final_try = False
         self._last_flush = 0.0
         self._last_heartbeat = 0.0
         self._warned: set[str] = set()
@@ -113,6 +114,7 @@ class Sender:
         server is unreachable and giving up loses nothing (see OFFLINE_FINISH_GRACE)."""
         self._deadline = deadline
         self._offline_deadline = offline_deadline
+        self._final_try = True  # one more connection attempt now, whatever the backoff says
         self._stop.set()
 
     def join(self, timeout: float) -> bool:
@@ -146,8 +148,14 @@ class Sender:
         if stopping:
             if now >= self._deadline:
                 return True
+            if self._ws is None and self._final_try and self._handshake is None:
+                # The backoff may have put the next attempt past the offline grace: a server
+                # that came back meanwhile still gets the run's end (and its bye).
+                self._final_try = False
+                self._next_attempt = now
             nothing_to_lose = self._drained() or (self.spool is not None and self.session.all_spooled)
-            if self._ws is None and now >= self._offline_deadline and nothing_to_lose:
+            trying = self._handshake is not None or self._final_try
+            if self._ws is None and now >= self._offline_deadline and nothing_to_lose and not trying:
                 return True
             if self._ws is not None and self._drained():
                 self._say_bye()

@@ -428,7 +428,10 @@ class Watcher:
         self.meter.report_every = self.sample_every
         self.sink.emit_event(EVENT_OVERHEAD_GOVERNOR, step, change.event(overall, plain), level="warning")
         logger.warning(
-            "trimtab: agent overhead %.2f%% is over the %.2f%% budget: %s", overall, change.budget_pct, change.action
+            "trimtab: the agent costs %.2f%% of the step time, over its %.2f%% budget: %s",
+            overall,
+            change.budget_pct,
+            change.action,
         )
 
     # ------------------------------------------------------------------ end

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,18 +183,31 @@ def test_nul_and_huge_integers_in_config_and_names_are_made_storable(tmp_path: P
         run.finish(timeout=0.2)
 
 
+def offline_watched(tmp_path: Path, **options: Any) -> tuple[trimtab.Run, Any, Any]:
+    """A run whose server never answers (everything stays in its buffer, readable by the
+    test), watching a small Linear model and its SGD optimizer."""
+    import torch
+
+    run = trimtab.init(
+        server=f"http://127.0.0.1:{free_port()}",
+        spool_dir=str(tmp_path),
+        replay_orphans=False,
+        flush_interval=3600,
+        **options,
+    )
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run.watch(model, opt, sample_every=1000)
+    return run, model, opt
+
+
 def test_the_lr_logged_for_a_step_is_the_one_its_update_used(tmp_path: Path) -> None:
     """A command applied at step 5's boundary changes step 5's update, and lr/group0 says so."""
     torch = pytest.importorskip("torch")
     from trimtab.protocol import Command
 
-    run = trimtab.init(
-        server=f"http://127.0.0.1:{free_port()}", spool_dir=str(tmp_path), replay_orphans=False, flush_interval=3600
-    )
+    run, model, opt = offline_watched(tmp_path)
     try:
-        model = torch.nn.Linear(2, 1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        run.watch(model, opt, sample_every=1000)
         for step in range(8):
             for group in opt.param_groups:
                 group["lr"] = 0.1 + 0.01 * step  # the script owns the LR
@@ -209,3 +223,45 @@ def test_the_lr_logged_for_a_step_is_the_one_its_update_used(tmp_path: Path) -> 
         assert run.learning_rates() == pytest.approx([0.17 * 0.5])
     finally:
         run.finish(timeout=0.2)
+
+
+def test_the_steps_whose_update_was_skipped_are_logged(tmp_path: Path) -> None:
+    """skip_batches n=2 at step 3 drops the updates of steps 3 and 4: update_skipped says so
+    there (a chart marker), and nowhere else; the weights confirm it."""
+    torch = pytest.importorskip("torch")
+    from trimtab.protocol import Command
+
+    run, model, opt = offline_watched(tmp_path)
+    try:
+        weights = []
+        for step in range(7):
+            if step == 3:
+                run._control.receive(Command("s", "skip_batches", {"n": 2}))
+            model(torch.ones(4, 2)).sum().backward()
+            run.step(None)
+            opt.step()
+            opt.zero_grad()
+            weights.append(model.weight.detach().clone())
+        skipped = sorted(s for s, _, r in run._buffer._records if "update_skipped" in r)
+        assert skipped == [3, 4]
+        assert torch.equal(weights[2], weights[3]) and torch.equal(weights[3], weights[4])
+        assert not torch.equal(weights[4], weights[5])
+    finally:
+        run.finish(timeout=0.2)
+
+
+def test_a_resumed_script_continues_its_step_numbers(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    run, model, _ = offline_watched(tmp_path, start_step=400)  # the checkpoint's iteration
+    try:
+        for _ in range(3):
+            model(torch.ones(4, 2)).sum().backward()
+            run.step(model.weight.sum())
+            run.log({"tokens_seen": 1.0})  # at the step run.step was given
+        loss_steps = sorted(s for s, _, r in run._buffer._records if "loss" in r)
+        assert loss_steps == [400, 401, 402]
+        assert sorted(s for s, _, r in run._buffer._records if "tokens_seen" in r) == [400, 401, 402]
+    finally:
+        run.finish(timeout=0.2)
+    with pytest.raises(ValueError, match="start_step"):
+        trimtab.init(server="http://127.0.0.1:1", start_step=-1)

@@ -347,7 +347,7 @@ def test_the_governor_policy() -> None:
     (per_param,) = governed(watcher, sink, agent_ms=50, plain_agent_ms=40)  # every-step work too costly
     assert per_param["per_param_grad_norms"] is False and watcher.sample_every == 20
     (nothing,) = governed(watcher, sink, agent_ms=50, plain_agent_ms=40)
-    assert nothing["action"].startswith("none left") and watcher.sample_every == 20
+    assert nothing["action"].startswith("nothing left to cut") and watcher.sample_every == 20
     assert governed(watcher, sink, agent_ms=50, plain_agent_ms=40) == []  # said once
     reported = [r["agent/overhead_pct"] for r in sink.scalars.values() if "agent/overhead_pct" in r]
     assert reported and reported[-1] == pytest.approx(100 * 0.05 / 0.95)

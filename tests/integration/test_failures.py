@@ -21,6 +21,7 @@ from tests.helpers import (
     ServerProcess,
     assert_exact_series,
     finish_agent,
+    free_port,
     run_by_name,
     start_agent,
     value_for,
@@ -171,3 +172,26 @@ def test_an_unsendable_key_costs_only_its_own_points(server: ServerProcess, tmp_
     assert run.finish(timeout=60) is True
     assert run.drops.snapshot() == {"bad_key": 1}
     assert_exact_series(server, run_by_name(server, "badkey")["id"], "loss", range(1000))
+
+
+def test_finish_tries_once_more_to_reach_a_server_that_came_back(migrated_db: str, tmp_path: Path) -> None:
+    """The server is down while the run trains, so the agent's backoff grows past finish()'s
+    5 s offline grace; the server comes back just before finish(): one more attempt at once
+    delivers everything and the bye, instead of leaving the run to a later replay."""
+    port = free_port()
+    run = trimtab.init(server=f"http://127.0.0.1:{port}", name="late-server", spool_dir=str(tmp_path / "spool"))
+    for step in range(50):
+        run.log({"loss": value_for("loss", step)}, step=step)
+    wait_until(lambda: run._sender._backoff.attempts >= 1, 30, "a failed connection attempt")
+    # After long enough down, the backoff puts the next attempt up to 30 s away: say it did
+    # (waiting for the doubling to get there would take most of a minute).
+    run._sender._next_attempt = time.monotonic() + 3600
+    server = ServerProcess(migrated_db, tmp_path / "server.log", port=port)
+    server.start()
+    try:
+        assert run.finish(timeout=30) is True
+        got = run_by_name(server, "late-server")
+        assert got["status"] == "finished"
+        assert_exact_series(server, got["id"], "loss", range(50))
+    finally:
+        server.stop()
