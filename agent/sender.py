@@ -98,6 +98,7 @@ class Sender:
         self._backoff = Backoff(BACKOFF_INITIAL, opts.max_backoff)
         self._next_attempt = 0.0
         self._final_try = False
+        self._final_try_until = 0.0
         self._last_flush = 0.0
         self._last_heartbeat = 0.0
         self._warned: set[str] = set()
@@ -148,13 +149,16 @@ class Sender:
         if stopping:
             if now >= self._deadline:
                 return True
-            if self._ws is None and self._final_try and self._handshake is None:
+            if self._ws is None and self._final_try:
                 # The backoff may have put the next attempt past the offline grace: a server
-                # that came back meanwhile still gets the run's end (and its bye).
+                # that came back meanwhile still gets the run's end (and its bye). One attempt
+                # now (or the one in flight), given the grace to finish.
                 self._final_try = False
-                self._next_attempt = now
+                if self._handshake is None:
+                    self._next_attempt = now
+                self._final_try_until = now + OFFLINE_FINISH_GRACE
             nothing_to_lose = self._drained() or (self.spool is not None and self.session.all_spooled)
-            trying = self._handshake is not None or self._final_try
+            trying = self._handshake is not None and now < self._final_try_until
             if self._ws is None and now >= self._offline_deadline and nothing_to_lose and not trying:
                 return True
             if self._ws is not None and self._drained():
