@@ -57,5 +57,8 @@ def _start_replay(options: Options, path: Path, started: Callable[[Sender], None
         session.add(seq, None, location)
     logger.info("trimtab: replaying %d spooled batches of run %s", len(records), identity.uid)
     replay = Sender(options, identity, session, spool, Drops())
+    finished_at = meta.get("finished_at")
+    if isinstance(finished_at, (int, float)) and not isinstance(finished_at, bool):
+        replay.replay_finished_at = float(finished_at)  # the process reached finish(): end the run then
     started(replay)
     replay.start()

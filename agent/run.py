@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
@@ -71,6 +72,7 @@ class Run:
             config=to_json(dict(opts.config)),
             rank=opts.rank,
             world_size=opts.world_size,
+            started_at=time.time(),
         )
         self._control = Controller(on_result=self._command_event)
         self._control.use_lockstep(lockstep_for(opts, self.uid))
@@ -375,6 +377,10 @@ class Run:
             deadline, offline_deadline = now + timeout, now + min(timeout, OFFLINE_FINISH_GRACE)
             if self._scan is not None:  # let the orphan scan start its replays, so they are finished too
                 self._scan.join(max(0.0, deadline - now))
+            spool = self._sender.spool
+            if spool is not None:  # should this end unacknowledged, a later replay ends the run then
+                with contextlib.suppress(OSError):
+                    spool.write_meta({**self._meta(), "finished_at": time.time()})
             senders = [self._sender, *self._replays]
             for sender in senders:  # all stop together: one grace period, not one each
                 sender.request_stop(deadline, offline_deadline)

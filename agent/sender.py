@@ -50,6 +50,7 @@ class Identity:
     config: dict[str, Any]
     rank: int = 0
     world_size: int = 1
+    started_at: float | None = None  # the wall time of trimtab.init
 
 
 class Backoff:
@@ -98,6 +99,8 @@ class Sender:
         self._backoff = Backoff(BACKOFF_INITIAL, opts.max_backoff)
         self._next_attempt = 0.0
         self._final_try = False
+        # An orphan replay of a process that reached finish(): when it did (the spool's meta)
+        self.replay_finished_at: float | None = None
         self._final_try_until = 0.0
         self._last_flush = 0.0
         self._last_heartbeat = 0.0
@@ -144,7 +147,12 @@ class Sender:
             self._collect()
             self._last_flush = now
         if self.buffer is None and self.session.idle:
-            self.finished_cleanly = True  # an orphan replay ends once the server has it all
+            # An orphan replay ends once the server has it all; the run of a process that
+            # reached finish() then ends as finished, when it did.
+            if self.replay_finished_at is not None and self._ws is not None:
+                self._deadline = time.monotonic() + BYE_WAIT
+                self._say_bye(self.replay_finished_at)
+            self.finished_cleanly = True
             return True
         if stopping:
             if now >= self._deadline:
@@ -280,6 +288,7 @@ class Sender:
                 world_size=self.identity.world_size,
                 config=self.identity.config,
                 replay=self.buffer is None,
+                started_at=self.identity.started_at,
             )
         )
 
@@ -296,10 +305,10 @@ class Sender:
         self.connected.set()
         logger.info("trimtab: streaming run %s to %s", welcome.run_id, self.opts.server)
 
-    def _say_bye(self) -> None:
+    def _say_bye(self, finished_at: float | None = None) -> None:
         """Send bye and wait for the server to close the connection, which it does once the
         run is marked finished. Only then is the finish clean."""
-        self._send_frame(protocol.bye_frame(self.drops.snapshot()))
+        self._send_frame(protocol.bye_frame(self.drops.snapshot(), finished_at))
         wait_until = min(self._deadline, time.monotonic() + BYE_WAIT)
         while self._ws is not None and time.monotonic() < wait_until:
             try:

@@ -55,6 +55,7 @@ class Hello:
     world_size: int
     config: dict[str, Any]
     replay: bool = False
+    started_at: float | None = None  # the wall time of trimtab.init (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class Heartbeat:
 @dataclass(frozen=True)
 class Bye:
     drops: dict[str, int]
+    finished_at: float | None = None  # a replay's: when the run really ended (epoch seconds)
 
 
 AgentFrame = Hello | Batch | CmdResult | Heartbeat | Bye
@@ -168,7 +170,7 @@ def decode_agent_frame(data: bytes, max_bytes: int = MAX_FRAME_BYTES) -> AgentFr
     if kind == HEARTBEAT:
         return Heartbeat(drops=_drops(obj))
     if kind == BYE:
-        return Bye(drops=_drops(obj))
+        return Bye(drops=_drops(obj), finished_at=_opt_time(obj, "finished_at"))
     if kind == CMD_RESULT:
         return CmdResult(
             id=_req(obj, "id", str),
@@ -245,7 +247,18 @@ def _hello(obj: dict[str, Any]) -> Hello:
         world_size=world_size,
         config=_json_map(obj, "config"),
         replay=replay,
+        started_at=_opt_time(obj, "started_at"),
     )
+
+
+def _opt_time(obj: dict[str, Any], name: str) -> float | None:
+    """An optional wall time in epoch seconds: a finite positive number."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e11:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field {name!r} must be a wall time in epoch seconds")
+    return float(value)
 
 
 def _batch(obj: dict[str, Any]) -> Batch:

@@ -92,8 +92,9 @@ def hello_frame(
     world_size: int = 1,
     config: Mapping[str, Any] | None = None,
     replay: bool = False,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
-    return {
+    frame = {
         "t": HELLO,
         "v": PROTOCOL_VERSION,
         "run": {"uid": uid, "project": project, "name": name},
@@ -106,6 +107,9 @@ def hello_frame(
         "config": dict(config or {}),
         "replay": replay,
     }
+    if started_at is not None:  # the wall time of trimtab.init: a run replayed later keeps it
+        frame["started_at"] = started_at
+    return frame
 
 
 def scalar_series(key: str, steps: array[int], walls: array[float], values: array[float]) -> dict[str, Any]:
@@ -160,8 +164,11 @@ def heartbeat_frame(drops: Mapping[str, int] | None = None) -> dict[str, Any]:
     return {"t": HEARTBEAT, "drops": dict(drops or {})}
 
 
-def bye_frame(drops: Mapping[str, int] | None = None) -> dict[str, Any]:
-    return {"t": BYE, "drops": dict(drops or {})}
+def bye_frame(drops: Mapping[str, int] | None = None, finished_at: float | None = None) -> dict[str, Any]:
+    frame: dict[str, Any] = {"t": BYE, "drops": dict(drops or {})}
+    if finished_at is not None:  # a replay's bye: when the run really ended
+        frame["finished_at"] = finished_at
+    return frame
 
 
 def welcome_frame(run_id: int, acked_seq: int) -> dict[str, Any]:

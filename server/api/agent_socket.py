@@ -133,7 +133,9 @@ class AgentConnection:
             elif isinstance(frame, Bye):
                 if self._pending:
                     await asyncio.wait(self._pending)
-                await run_in_threadpool(self.ctx.store.finish_run, self.run_id, self.rank, frame.drops)
+                await run_in_threadpool(
+                    self.ctx.store.finish_run, self.run_id, self.rank, frame.drops, frame.finished_at
+                )
                 if self.rank == 0:
                     logger.info("agent %s: run %s finished", self.peer, self.run_id)
                     if self.ctx.alerts is not None:

@@ -121,6 +121,9 @@ class Store:
         (not a replay) marks the run running again and sets its host.
         """
         now = time.time()
+        # A run first seen through a replay started when its trimtab.init ran, not now (never
+        # later than now: a clock ahead of the server's does not put a run in the future).
+        started = now if hello.started_at is None else min(now, hello.started_at)
         with self.transaction() as conn:
             project_id, _ = self.get_or_create(
                 conn, projects, {"name": hello.run.project}, {"created_at": now}, conflict=["name"]
@@ -129,7 +132,7 @@ class Store:
                 "project_id": project_id,
                 "name": hello.run.name,
                 "status": "running",
-                "created_at": now,
+                "created_at": started,
                 "last_seen_at": now,
                 "host": hello.host[:256],
                 "agent_version": hello.agent_version[:64],
@@ -201,13 +204,16 @@ class Store:
             if drops:
                 self._set_drops(conn, run_id, rank, drops)
 
-    def finish_run(self, run_id: int, rank: int = 0, drops: dict[str, int] | None = None) -> None:
+    def finish_run(
+        self, run_id: int, rank: int = 0, drops: dict[str, int] | None = None, finished_at: float | None = None
+    ) -> None:
         """A bye. Rank 0's finishes the run; another rank's only reports its final drops, since
-        the other ranks of the job may still be running."""
+        the other ranks of the job may still be running. ``finished_at``: a replay's bye says
+        when the run really ended (never later than now)."""
         now = time.time()
         values: dict[str, Any] = {"last_seen_at": now}
         if rank == 0:
-            values.update(status="finished", finished_at=now)
+            values.update(status="finished", finished_at=now if finished_at is None else min(now, finished_at))
         with self.transaction() as conn:
             conn.execute(update(runs).where(runs.c.id == run_id).values(**values))
             if drops is not None:

@@ -66,6 +66,18 @@ def test_heartbeat_and_bye_carry_drop_counts() -> None:
     assert isinstance(bye, Bye) and bye.drops == {}
 
 
+def test_a_run_says_when_it_started_and_a_replay_when_it_ended() -> None:
+    hello = protocol.decode_agent_frame(protocol.encode({**_hello(), "started_at": 1.7e9}))
+    bye = protocol.decode_agent_frame(protocol.encode(protocol.bye_frame({}, finished_at=1.7e9 + 60)))
+    assert isinstance(hello, Hello) and hello.started_at == 1.7e9
+    assert isinstance(bye, Bye) and bye.finished_at == 1.7e9 + 60
+    old = protocol.decode_agent_frame(protocol.encode(_hello()))  # an older agent sends neither
+    assert isinstance(old, Hello) and old.started_at is None
+    for bad in (math.nan, math.inf, -1.0, 0, "yesterday", True):
+        with pytest.raises(ProtocolError, match="started_at"):
+            protocol.decode_agent_frame(protocol.encode({**_hello(), "started_at": bad}))
+
+
 @pytest.mark.parametrize(
     ("data", "code"),
     [

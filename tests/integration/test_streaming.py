@@ -18,6 +18,7 @@ from tests.helpers import (
     run_by_name,
     start_agent,
     subprocess_env,
+    value_for,
     wait_logged,
     wait_until,
 )
@@ -89,6 +90,39 @@ def test_killed_agent_spool_is_replayed_by_the_next_process(db_url: str, tmp_pat
         wait_until(lambda: not any(spool.glob("*/seg-*")), 30, "the replayed spool to be removed")
     finally:
         first.kill()
+        server.stop()
+
+
+def test_a_run_that_finished_offline_keeps_its_real_start_and_end_when_replayed(db_url: str, tmp_path: Path) -> None:
+    """The server is down for the whole run, which finishes with everything in its spool; the
+    next process on the machine replays it: the run shows when it really started and ended,
+    and ends finished (its process did reach finish()), not when it was replayed."""
+    from datetime import datetime
+
+    import trimtab
+    from trimtab.server.db import migrate
+
+    migrate.upgrade(db_url)
+    server = ServerProcess(db_url, tmp_path / "server.log")
+    spool = str(tmp_path / "spool")
+    began = time.time()
+    run = trimtab.init(server=server.url, name="offline-run", spool_dir=spool)
+    for step in range(100):
+        run.log({"loss": value_for("loss", step)}, step=step)
+    assert run.finish(timeout=10) is False  # unreachable: kept in the spool
+    ended = time.time()
+    time.sleep(1.5)  # so that "now" at the replay is told apart from the run's own times
+    server.start()
+    try:
+        replayed_at = time.time()
+        assert trimtab.init(server=server.url, name="next-process", spool_dir=spool).finish(timeout=60)
+        wait_until(lambda: run_by_name(server, "offline-run")["status"] == "finished", 30, "the replayed run to end")
+        got = run_by_name(server, "offline-run")
+        assert got["n_points"] == 100
+        started_at = datetime.fromisoformat(got["created_at"]).timestamp()
+        finished_at = datetime.fromisoformat(got["finished_at"]).timestamp()
+        assert began - 0.01 <= started_at <= finished_at <= ended + 0.01 < replayed_at
+    finally:
         server.stop()
 
 
