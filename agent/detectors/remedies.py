@@ -8,6 +8,15 @@ REMEDY_NONFINITE = (
     "check the data, or train in bf16 instead of fp16."
 )
 REMEDY_SPIKE = "Skip the offending batch, clip gradients, lower the LR or lengthen the warm-up."
+# What a spike alert says once its findings show the value jumped and stayed up (PERSISTENT_COUNT
+# findings): one bad batch passes, this does not.
+REMEDY_PERSISTENT_JUMP = (
+    "The value jumped and stayed up, so skipping a batch will not help. If a weight norm jumped at "
+    "the same step (weight_norm/*), the weights were corrupted (a bad write, a checkpoint mix-up, an "
+    "update that should have been rejected): roll back to a snapshot or checkpoint from before the jump. "
+    "If the weights look normal, check what changed in the data or the LR at that step."
+)
+PERSISTENT_COUNT = 8
 REMEDY_DIVERGENCE = "Roll back to a checkpoint before the rise and resume with a lower LR (or a longer warm-up)."
 REMEDY_OVERFLOW = (
     "fp16 is overflowing: switch to bf16, or tune GradScaler (lower init_scale, longer growth_interval) "

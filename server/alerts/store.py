@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, insert, or_, select, update
+from sqlalchemy import Connection, and_, case, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from trimtab.detectors import Finding
+from trimtab.detectors.remedies import PERSISTENT_COUNT
 from trimtab.errors import ErrorCode, TrimtabError
 from trimtab.jsonsafe import float_to_json, from_json, to_json
 from trimtab.server.db.tables import alerts, detector_states, metric_keys, projects, runs, scalar_points
@@ -145,10 +146,12 @@ def fold(
     notified: bool,
     now: float,
     severity: str | None = None,
+    persistent_remedy: str | None = None,
 ) -> bool:
     """Fold ``count`` later findings into the firing alert, ``finding`` the newest of them (and
-    set ``severity`` when given: an escalation). False when it is not firing any more (another
-    replica resolved it)."""
+    set ``severity`` when given: an escalation; and ``persistent_remedy`` as the remedy once
+    the alert holds ``PERSISTENT_COUNT`` findings: the value stayed up). False when it is not
+    firing any more (another replica resolved it)."""
     values: dict[str, Any] = {
         "count": alerts.c.count + count,
         "last_step": alert.last_step,
@@ -160,6 +163,8 @@ def fold(
     }
     if severity is not None:
         values["severity"] = severity
+    if persistent_remedy is not None:
+        values["remedy"] = case((alerts.c.count + count >= PERSISTENT_COUNT, persistent_remedy), else_=alerts.c.remedy)
     result = conn.execute(update(alerts).where(alerts.c.id == alert.id, alerts.c.status == FIRING).values(**values))
     return result.rowcount == 1
 

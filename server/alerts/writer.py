@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from trimtab.detectors import CRITICAL, WARNING
+from trimtab.detectors.remedies import REMEDY_PERSISTENT_JUMP, REMEDY_SPIKE
 from trimtab.server.alerts import outbox
 from trimtab.server.alerts import store as db
 from trimtab.server.alerts.slots import EngineStats, Op, RunState
@@ -61,7 +62,8 @@ class AlertWriter:
                 and not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
             )
             notified = alert.notified or announce or late
-            if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None):
+            persistent = REMEDY_PERSISTENT_JUMP if slot.spec.remedy == REMEDY_SPIKE else None
+            if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None, persistent):
                 alert.notified = notified
                 if escalate:
                     alert.severity = CRITICAL
@@ -109,7 +111,9 @@ class AlertWriter:
         escalate = current.severity == WARNING and found.severity == CRITICAL
         announce = escalate and not op.silent
         alert.last_step = max(alert.last_step, current.last_step)
-        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, CRITICAL if escalate else None):
+        persistent = REMEDY_PERSISTENT_JUMP if op.slot is not None and op.slot.spec.remedy == REMEDY_SPIKE else None
+        severity = CRITICAL if escalate else None
+        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, severity, persistent):
             return 0  # resolved again meanwhile: the next finding opens a new one
         alert.notified = current.notified or announce
         if escalate:

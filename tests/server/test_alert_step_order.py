@@ -22,16 +22,16 @@ DIVERGE_FROM = 420  # the loss climbs and stays up
 NAN_AT = 560
 
 
-def series(seed: int) -> dict[str, list[tuple[int, float]]]:
-    """A run's loss and total gradient norm with the three faults above, keyed as the agent
-    names them."""
+def series(seed: int, corrupt: bool = True) -> dict[str, list[tuple[int, float]]]:
+    """A run's loss and total gradient norm with the three faults above (without the
+    corrupted batch's loss when not ``corrupt``), keyed as the agent names them."""
     rng = random.Random(seed)
     loss: list[tuple[int, float]] = []
     grad: list[tuple[int, float]] = []
     for step in range(STEPS):
         value = 2.0 * math.exp(-step / 400) + 1.0 + rng.gauss(0, 0.01)
         norm = 1.0 + rng.gauss(0, 0.03)
-        if CORRUPT_AT <= step < CORRUPT_AT + 8:
+        if corrupt and CORRUPT_AT <= step < CORRUPT_AT + 8:
             value += 12.0 * 0.7 ** (step - CORRUPT_AT)  # the damage fades over 8 steps
         if step == CORRUPT_AT:
             norm *= 40
@@ -81,3 +81,28 @@ def test_the_same_series_in_batches_of_1_20_and_500_steps_gives_the_same_alerts(
     assert first[("loss-spike", "loss")] == CORRUPT_AT  # the spike's own step, not a later finding
     assert DIVERGE_FROM < first[("loss-divergence", "loss")] < NAN_AT
     assert first[("nonfinite-loss", "loss")] == NAN_AT
+
+
+def test_a_jump_that_stays_up_is_not_told_to_skip_a_batch(store: Store) -> None:
+    """The remedy fits the evidence: one corrupted batch (the loss spikes and falls back) says
+    skip it; a jump that stays up (corrupted weights) says roll back, skipping cannot help."""
+    rig = Rig(store)
+    try:
+        data = series(seed=4)
+        stays_up = {
+            "grad_norm/total": data["grad_norm/total"],
+            "loss": [(s, v + (12.0 if s >= CORRUPT_AT else 0.0)) for s, v in series(seed=4, corrupt=False)["loss"]],
+        }
+        remedies = {}
+        for name, run_data in (("one-batch", data), ("stays-up", stays_up)):
+            run_id = rig.run(name)
+            for start in range(0, DIVERGE_FROM, 20):
+                rig.send(run_id, {key: points[start : start + 20] for key, points in run_data.items()})
+            (spike,) = [a for a in rig.alerts(run_id) if a["rule"] == "loss-spike"]
+            remedies[name] = (spike["first_step"], spike["count"], spike["remedy"])
+    finally:
+        rig.stop()
+    assert remedies["one-batch"][0] == CORRUPT_AT and remedies["one-batch"][1] < 8
+    assert remedies["one-batch"][2].startswith("Skip the offending batch")
+    assert remedies["stays-up"][0] == CORRUPT_AT and remedies["stays-up"][1] >= 8
+    assert "roll back" in remedies["stays-up"][2] and "skipping a batch will not help" in remedies["stays-up"][2]
