@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import ClientConnection, connect
 
 from trimtab import protocol
+from trimtab.errors import ERROR_TABLE
 from trimtab.local_token import local_token_path
 from trimtab.options import Options
 
@@ -22,6 +23,8 @@ from trimtab.options import Options
 _CONNECT_KWARGS: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 # Errors a reconnect cannot fix: keep spooling, retry slowly, say so once.
 FATAL_CODES = frozenset({"unauthorized", "forbidden", "unsupported_version", "run_conflict", "bad_frame"})
+# The close code a refusing server ends the handshake with, for when its error frame is lost.
+_REFUSED_BY_CLOSE = {close: code.value for code, (_, close) in ERROR_TABLE.items() if code.value in FATAL_CODES}
 
 
 class RemoteError(Exception):
@@ -96,8 +99,17 @@ class Handshake:
             self._done.set()
 
     def _greet(self, ws: ClientConnection) -> protocol.Welcome:
-        ws.send(self._hello)
-        raw = ws.recv(timeout=self._opts.connect_timeout)
+        # A server that refuses at once (a bad token) may close before our hello goes out: its
+        # error frame is still buffered, so read it rather than report the closed socket.
+        with contextlib.suppress(ConnectionClosed):
+            ws.send(self._hello)
+        try:
+            raw = ws.recv(timeout=self._opts.connect_timeout)
+        except ConnectionClosed as exc:
+            close = exc.rcvd
+            if close is not None and close.code in _REFUSED_BY_CLOSE:
+                raise RemoteError(_REFUSED_BY_CLOSE[close.code], close.reason or "refused") from exc
+            raise
         frame = protocol.decode_server_frame(raw.encode() if isinstance(raw, str) else raw)
         if isinstance(frame, protocol.ServerError):
             raise RemoteError(frame.code, frame.message)

@@ -59,7 +59,10 @@ def test_pending_deliveries_survive_a_killed_server(migrated_db: str, tmp_path: 
             server.stop()
     delivered_ids = [r.json()["alert"]["id"] for r in hook.answered(OK)]
     assert got.json()["alert"]["id"] == first and delivered_ids.count(first) == 1
-    assert deliveries(store)[0].attempts == len([r for r in hook.all() if r.json()["alert"]["id"] == first])
+    # An attempt is counted when it is claimed, so the kill may land between the claim and the
+    # request: at most one counted attempt never reached the receiver.
+    sent = len([r for r in hook.all() if r.json()["alert"]["id"] == first])
+    assert sent <= deliveries(store)[0].attempts <= sent + 1
 
 
 def test_a_send_cut_short_by_shutdown_is_sent_after_restart(migrated_db: str, tmp_path: Path, store: Store) -> None:
