@@ -7,8 +7,9 @@ rate of each param group, the loss scale, the step time and throughput, and a 0/
 asynchronously (see ``transfer.py``); they are logged when the copy has landed.
 
 Every ``sample_every`` steps (100 by default) also: weight norms, the update ratio
-||dW|| / ||W|| per parameter, weight and gradient histograms, and activation statistics
-from forward hooks that exist only for that step's forward pass.
+||dW|| / ||W|| per parameter, weight and gradient histograms, activation statistics from
+forward hooks and the largest attention logit per attention module (``attention.py``), from
+hooks that exist only for that step's forward pass.
 
 A non-finite loss or gradient norm triggers NaN provenance (``provenance.py``) once per
 streak of non-finite steps, and an event that is never dropped. The agent times itself and,
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from trimtab.activations import STATS, ActivationProbe, default_modules
+from trimtab.attention import AttentionProbe, logit_key
 from trimtab.histogram import Summary, histogrammable, summarize
 from trimtab.overhead import Governor, OverheadMeter
 from trimtab.protocol import EVENT_NONFINITE, EVENT_OVERHEAD_GOVERNOR
@@ -110,6 +112,8 @@ class Watcher:
             if opts.activations and modules
             else None
         )
+        self.attention = AttentionProbe(model, sink.warn_once) if opts.attention_logits else None
+        self._probes = [p for p in (self.probe, self.attention) if p is not None]  # armed for sampled steps
         self.transfers = Transfers()
         self._replay_ok = opts.replay_on_nonfinite and replay_safe(model)
         self.meter = OverheadMeter(report_every=opts.sample_every)
@@ -130,8 +134,9 @@ class Watcher:
                 self.names, self.params, self.transfers, self.meter, sink.emit_scalars, sink.warn_once
             )
             self._handles.append(optimizer.register_step_post_hook(self.ratios.after_optimizer_step))
-        if self.probe is not None and next_step % self.sample_every == 0:
-            self.probe.arm()
+        if next_step % self.sample_every == 0:
+            for probe in self._probes:
+                probe.arm()
 
     # ------------------------------------------------------------------ hooks
     def _capture_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -146,8 +151,9 @@ class Watcher:
             self._step(start, loss, step, batch_size, tokens)
         finally:
             self._current = None
-            if self.probe is not None and (step + 1) % self.sample_every == 0:
-                self.probe.arm()
+            if (step + 1) % self.sample_every == 0:
+                for probe in self._probes:
+                    probe.arm()
             self._last_start = start
             self.meter.add(time.perf_counter() - start)
 
@@ -206,8 +212,10 @@ class Watcher:
             self._inputs = []
         if sampled:
             self._sample(step, wall, grads, index)
-        elif self.probe is not None and self.probe.armed:
-            self.probe.collect()  # armed for a step that was not sampled (explicit steps): discard
+        else:  # probes armed for a step that was not sampled (explicit steps): discard
+            for probe in self._probes:
+                if probe.armed:
+                    probe.collect()
         if self.meter.due():
             self._report_overhead(step)
 
@@ -276,7 +284,8 @@ class Watcher:
     # ------------------------------------------------------------------ sampled steps
     def _sample(self, step: int, wall: float, grads: list[torch.Tensor], index: list[int]) -> None:
         seen = self.probe.collect() if self.probe is not None else None
-        self.meter.add(seen.seconds if seen is not None else 0.0)
+        logits = self.attention.collect() if self.attention is not None else None
+        self.meter.add((seen.seconds if seen is not None else 0.0) + (logits.seconds if logits is not None else 0.0))
         if seen is not None and seen.names:
             self._forward_rank = {name: i for i, name in enumerate(seen.names)}
         tensors: list[torch.Tensor] = []
@@ -291,6 +300,9 @@ class Watcher:
                 layout["acts"] = (len(tensors), seen.names)
                 dev = seen.stats[0].device
                 tensors.append(torch.stack([s.to(dev) for s in seen.stats]))
+            if logits is not None and logits.maxima:
+                layout["attn"] = (len(tensors), logits.names)
+                tensors.append(torch.stack([m.to(logits.maxima[0].device) for m in logits.maxima]))
             hist_keys: list[str] = []
             summaries: list[Summary] = []
             if self.send_histograms:
@@ -382,6 +394,9 @@ class Watcher:
                 for stat, v in zip(STATS, row, strict=True):
                     if stat != "input_zero_frac" or not math.isnan(v):  # NaN there: not a layer input
                         record[f"act/{name}/{stat}"] = v
+        if "attn" in layout:
+            at, names = layout["attn"]
+            record.update({logit_key(name): v for name, v in zip(names, host[at].tolist(), strict=True)})
         if record:
             self.sink.emit_scalars(step, wall, record)
         if "hists" in layout:
@@ -443,8 +458,8 @@ class Watcher:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
-            if self.probe is not None:
-                self.probe.collect()
+            for probe in self._probes:
+                probe.collect()
 
 
 def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

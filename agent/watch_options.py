@@ -23,6 +23,7 @@ class WatchOptions:
     tokens_per_step: int | None = None  # tokens per optimizer step, for throughput
     all_ranks_histograms: bool = False  # by default only rank 0 sends histograms
     activation_modules: Callable[[str, nn.Module], bool] | None = None  # default: leaf modules
+    attention_logits: bool = True  # attn/<module>/max_logit on sampled steps (attention.py)
     replay_on_nonfinite: bool = True
 
     def check(self) -> None:
