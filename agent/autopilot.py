@@ -4,8 +4,12 @@ detector library, with zero steps of latency (no round trip to the server).
 Policies, in the order they act:
 
 1. **Reject the update** of a step whose loss or gradient norm is non-finite, or a severe
-   spike (robust z of the loss or the gradient norm above ``spike_z``; the baseline never
-   takes in flagged values). Capped: at most ``max_skips_in_row`` in a row and
+   spike of the gradient norm (robust z above ``spike_z`` and at least ``spike_min_ratio``
+   times its median; the baseline never takes in flagged values). A loss that jumps while the
+   gradient norm stays within that is a *level shift* (new data, a curriculum stage, a
+   schedule restart), not an instability: nothing is done about it. Only when the gradient
+   norm is not measured (``run.step(loss)`` without ``run.watch``) does a loss spike (robust
+   z above ``spike_z``) count on its own. Capped: at most ``max_skips_in_row`` in a row and
    ``max_skip_fraction`` of the last ``skip_window`` steps. Past a cap the autopilot escalates
    (policy 2, and the server's alerts fire): a spiking step it may no longer skip trains as
    usual, but a non-finite one is still rejected, since its update would turn every weight
@@ -17,7 +21,9 @@ Policies, in the order they act:
    script or scheduler sets, and through rollbacks (``lr.py``). Past the skip cap, a spiking
    series is taken as a new level: the spike baselines restart.
 3. **Roll back** on a persistent divergence of the loss (``Divergence``: median of the last
-   20 over the 200 before, above ``divergence_ratio`` for 10 steps), or after
+   20 over the 200 before, above ``divergence_ratio`` for 10 steps) that the gradients back
+   up (when measured: a gradient-norm spike as in 1, or its median over 50 steps doubled,
+   within the last ``evidence_steps``; a loss that rose alone is a level shift), or after
    ``nonfinite_rollback_after`` non-finite steps in a row (rejecting them forever trains
    nothing), when snapshots are kept (``run.watch(..., snapshot_every=K)``): to the newest
    snapshot before the trouble began, then reduce the LR as in 2. Without snapshots, a
@@ -60,6 +66,8 @@ class AutopilotOptions:
     skip_nonfinite: bool = True
     skip_spikes: bool = True
     spike_z: float = 25.0
+    spike_min_ratio: float = 5.0  # a gradient-norm spike is also this many times its median
+    evidence_steps: int = 60  # a loss divergence is acted on when the gradients were in trouble this recently
     max_skips_in_row: int = 3
     max_skip_fraction: float = 0.01
     skip_window: int = 1000
@@ -82,6 +90,8 @@ class AutopilotOptions:
             raise ValueError("autopilot: need max_skips_in_row >= 1, skip_window >= 1, 0 < max_skip_fraction <= 1")
         if self.spike_z <= 0 or self.min_lr < 0 or self.reduce_after < 1 or self.divergence_ratio <= 1:
             raise ValueError("autopilot: need spike_z > 0, min_lr >= 0, reduce_after >= 1, divergence_ratio > 1")
+        if self.spike_min_ratio < 0 or self.evidence_steps < 1:
+            raise ValueError("autopilot: need spike_min_ratio >= 0, evidence_steps >= 1")
         if self.max_lr_reductions < 0:
             raise ValueError("autopilot: max_lr_reductions must be >= 0")
         if self.nonfinite_rollback_after < 1 or self.probation_steps < 1:
@@ -132,9 +142,9 @@ class Autopilot:
         self.run_uid = run_uid or uuid.uuid4().hex
         self.use_loss = world_size <= 1
         self.connected = connected or (lambda: False)
-        self.loss_spike = RobustSpike(z=options.spike_z)
-        self.grad_spike = RobustSpike(z=options.spike_z)
+        self._new_baselines()
         self.divergence = Divergence(ratio=options.divergence_ratio)
+        self.grad_trouble_at: int | None = None  # the last step the gradient norm spiked or doubled
         self.skips: deque[int] = deque()  # steps whose update the autopilot rejected
         self.in_row = 0
         self.nonfinite_from: int | None = None  # first step of the current non-finite streak
@@ -145,6 +155,11 @@ class Autopilot:
         self.recent: deque[float] = deque(maxlen=20)  # the last finite losses (the level to recover to)
         self.recovery: _Recovery | None = None
         self.gave_up = False
+
+    def _new_baselines(self) -> None:
+        self.loss_spike = RobustSpike(z=self.opts.spike_z)
+        self.grad_spike = RobustSpike(z=self.opts.spike_z, min_ratio=self.opts.spike_min_ratio)
+        self.grad_rise = Divergence(ratio=2.0, short=50)
 
     def decide_from(self, step: int, watcher: Any, loss: Any) -> None:
         """``decide`` on what the watcher measured this step (or the loss given to
@@ -189,8 +204,7 @@ class Autopilot:
                 if not nonfinite:
                     # A lasting level change is not a spike storm: past the cap the spike
                     # baselines start over (50 steps of warm-up), so the new level becomes normal.
-                    self.loss_spike = RobustSpike(z=self.opts.spike_z)
-                    self.grad_spike = RobustSpike(z=self.opts.spike_z)
+                    self._new_baselines()
         if self.nonfinite_from is not None and step - self.nonfinite_from + 1 >= self.opts.nonfinite_rollback_after:
             self._nonfinite_streak(step)
             return
@@ -200,8 +214,15 @@ class Autopilot:
         if self._relapsed(step) or not self.opts.rollback:
             return
         found = self.divergence.update(step, loss)
-        if found is not None:
+        if found is not None and self._gradients_agree(step, grad_norm):
             self._diverged(step, found.baseline)
+
+    def _gradients_agree(self, step: int, grad_norm: float | None) -> bool:
+        """Whether a loss divergence is an instability: with no gradient norm measured it is
+        taken to be; else only when the gradients spiked or doubled recently."""
+        if grad_norm is None:
+            return True
+        return self.grad_trouble_at is not None and step - self.grad_trouble_at <= self.opts.evidence_steps
 
     # ------------------------------------------------------------------ policies
     def _trouble(self, step: int, loss: float | None, grad_norm: float | None, amp: bool) -> tuple[str, bool] | None:
@@ -213,14 +234,18 @@ class Autopilot:
             return None  # a GradScaler overflow: the scaler skips this step itself
         if not (finite_loss and finite_grad):
             return ("non-finite loss or gradient", True) if self.opts.skip_nonfinite else None
-        spiked = []
-        if loss is not None and self.loss_spike.update(step, loss) is not None:
-            spiked.append("loss")
-        if grad_norm is not None and self.grad_spike.update(step, grad_norm) is not None:
-            spiked.append("gradient norm")
-        if spiked and self.opts.skip_spikes:
-            return f"{' and '.join(spiked)} spike (robust z > {self.opts.spike_z:g})", False
-        return None
+        if grad_norm is None:  # only the loss to go by: a jump of it is all there is
+            if loss is not None and self.loss_spike.update(step, loss) is not None and self.opts.skip_spikes:
+                return f"loss spike (robust z > {self.opts.spike_z:g}; no gradient norm measured)", False
+            return None
+        if self.grad_rise.update(step, grad_norm) is not None:
+            self.grad_trouble_at = step
+        if self.grad_spike.update(step, grad_norm) is None:
+            return None  # a loss that jumps alone is a level shift: nothing to reject
+        self.grad_trouble_at = step
+        if not self.opts.skip_spikes:
+            return None
+        return f"gradient norm spike (robust z > {self.opts.spike_z:g}, over {self.opts.spike_min_ratio:g}x)", False
 
     def _may_skip(self, step: int) -> bool:
         while self.skips and self.skips[0] <= step - self.opts.skip_window:
@@ -326,8 +351,7 @@ class Autopilot:
             return False
         self.last_rollback = step
         self.divergence = Divergence(ratio=self.opts.divergence_ratio)  # the rolled-back history is gone
-        self.loss_spike = RobustSpike(z=self.opts.spike_z)
-        self.grad_spike = RobustSpike(z=self.opts.spike_z)
+        self._new_baselines()
         self.in_row = 0
         self.recent.clear()
         self.recovery = _Recovery(candidates[-1], level, step + self.opts.probation_steps)

@@ -19,6 +19,8 @@ from trimtab.detectors.rules import (
 )
 from trimtab.detectors.series import (
     CRITICAL,
+    INFO,
+    SEVERITY_RANK,
     WARNING,
     Band,
     Detector,
@@ -34,6 +36,8 @@ from trimtab.detectors.series import (
 __all__ = [
     "CRITICAL",
     "DEFAULT_RULES",
+    "INFO",
+    "SEVERITY_RANK",
     "WARNING",
     "Band",
     "ConfirmSpec",

@@ -8,14 +8,24 @@ from typing import Any
 
 from trimtab.detectors.rules import RuleSpec, parse_rule
 
-# A loss spike counts when the gradient norm spikes too, within 10 steps. The loss threshold
-# (25 robust deviations) sits between the harmless data switch (at most 17 in the harness)
-# and every harmful loss spike there (32 and up); see benchmarks/RESULTS.md.
+# Shift versus harm (issue 13; benchmarks/shifts.py, seeds 0-4): the loss rules page only
+# with evidence from the gradients. A loss spike counts when the gradient norm jumps too, to
+# 5x its median within 10 steps (harmless data and schedule changes moved it 1.7-5.7x in the
+# harness, the harmful faults 4.6-26x: they overlap); a sustained rise counts when the
+# gradient norm's median over 50 steps doubles too, within 50 steps of it (harmless: at most
+# 1.42x; corrupted weights 3.3x and more). The loss thresholds (25 robust deviations, 1.5x)
+# are those of benchmarks/detectors.py. Without that evidence the finding is `info`.
 _SPIKE_CONFIRM: dict[str, Any] = {
     "key": "grad_norm/total",
     "detector": "robust_spike",
-    "params": {"z": 6.0},
+    "params": {"z": 6.0, "min_ratio": 5.0},
     "window": 10,
+}
+_RISE_CONFIRM: dict[str, Any] = {
+    "key": "grad_norm/total",
+    "detector": "divergence",
+    "params": {"ratio": 2.0, "short": 50},
+    "window": 50,
 }
 
 _DEFAULTS: tuple[dict[str, Any], ...] = (
@@ -44,8 +54,13 @@ _DEFAULTS: tuple[dict[str, Any], ...] = (
     },
     {"name": "loss-gross", "key": "loss", "detector": "gross_magnitude"},
     {"name": "grad-norm-gross", "key": "grad_norm/total", "detector": "gross_magnitude"},
-    # a harmless data switch holds the loss up to 1.38x for a while in the harness
-    {"name": "loss-divergence", "key": "loss", "detector": "divergence", "params": {"ratio": 1.5}},
+    {
+        "name": "loss-divergence",
+        "key": "loss",
+        "detector": "divergence",
+        "params": {"ratio": 1.5},
+        "confirm": _RISE_CONFIRM,
+    },
     {"name": "loss-scale-collapse", "key": "amp_overflow", "detector": "overflow_rate"},
     {
         "name": "loss-scale-below-one",

@@ -17,6 +17,12 @@ REMEDY_PERSISTENT_JUMP = (
     "If the weights look normal, check what changed in the data or the LR at that step."
 )
 PERSISTENT_COUNT = 8
+# The hint of an info alert: a loss rule's finding the gradients did not confirm (a level shift).
+REMEDY_SHIFT = (
+    "Nothing looks wrong: the loss moved to a new level while the gradients stayed normal, as after "
+    "a change of data mixture, a curriculum stage, a new sequence length or an LR restart. No action "
+    "is needed if such a change happened at this step; if nothing changed, check the data pipeline."
+)
 REMEDY_DIVERGENCE = "Roll back to a checkpoint before the rise and resume with a lower LR (or a longer warm-up)."
 REMEDY_OVERFLOW = (
     "fp16 is overflowing: switch to bf16, or tune GradScaler (lower init_scale, longer growth_interval) "

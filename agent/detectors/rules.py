@@ -8,8 +8,10 @@ the server resumes after a restart where it stopped.
 
 Multi-signal agreement (``confirm``): a finding of the rule's detector counts only when the
 confirming detector, on its own key, also fired within ``window`` steps before or after it.
-The two series may arrive in any order (the server feeds a batch key by key), so findings
-of each side wait, bounded, for the other.
+Findings of each side wait, bounded, for the other. A finding the window passed without
+agreement becomes an ``info`` finding (``confirm.unconfirmed: "info"``, the default: an
+annotation, never notified; for the shipped loss rules, a level shift with healthy
+gradients) or is dropped (``"drop"``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from trimtab.detectors.remedies import remedy_for
-from trimtab.detectors.series import CRITICAL, WARNING, Detector, Finding
+from trimtab.detectors.series import CRITICAL, INFO, WARNING, Detector, Finding, RobustSpike
 
 MAX_KEY_LENGTH = 256
 MAX_NAME_LENGTH = 128
@@ -43,9 +45,11 @@ class ConfirmSpec:
     detector: str
     params: dict[str, Any] = field(default_factory=dict)
     window: int = 10
+    unconfirmed: str = INFO  # what an unconfirmed finding becomes: "info" or "drop"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "detector": self.detector, "params": dict(self.params), "window": self.window}
+        body = {"key": self.key, "detector": self.detector, "params": dict(self.params), "window": self.window}
+        return {**body, "unconfirmed": self.unconfirmed}
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,8 @@ _RULE_FIELDS = {
     "enabled",
     "remedy",
 }
-_CONFIRM_FIELDS = {"key", "detector", "params", "window"}
+_CONFIRM_FIELDS = {"key", "detector", "params", "window", "unconfirmed"}
+UNCONFIRMED = (INFO, "drop")
 
 
 def detector_kinds() -> list[str]:
@@ -198,8 +203,8 @@ def parse_rule(body: Mapping[str, Any]) -> RuleSpec:
     params = body.get("params") or {}
     make_detector(kind, params)
     severity = body.get("severity")
-    if severity is not None and severity not in (WARNING, CRITICAL):
-        raise RuleError(f"severity: must be {WARNING!r}, {CRITICAL!r} or null, got {json.dumps(severity)}")
+    if severity is not None and severity not in (INFO, WARNING, CRITICAL):
+        raise RuleError(f"severity: must be {INFO!r}, {WARNING!r}, {CRITICAL!r} or null, got {json.dumps(severity)}")
     confirm = _parse_confirm(body.get("confirm"), key)
     enabled = body.get("enabled", True)
     if not isinstance(enabled, bool):
@@ -233,7 +238,8 @@ def _parse_confirm(body: Any, key: str) -> ConfirmSpec | None:
     unknown = sorted(set(body) - _CONFIRM_FIELDS)
     if unknown:
         raise RuleError(
-            f"confirm: unknown field(s) {', '.join(map(repr, unknown))}; expected key, detector, params, window"
+            f"confirm: unknown field(s) {', '.join(map(repr, unknown))}; "
+            "expected key, detector, params, window, unconfirmed"
         )
     for required in ("key", "detector"):
         if required not in body:
@@ -249,7 +255,10 @@ def _parse_confirm(body: Any, key: str) -> ConfirmSpec | None:
     params = body.get("params") or {}
     make_detector(kind, params, "confirm.")
     window = _number(body, "window", 10, minimum=0, integer=True)
-    return ConfirmSpec(confirm_key, kind, dict(params), window)
+    unconfirmed = body.get("unconfirmed", INFO)
+    if unconfirmed not in UNCONFIRMED:
+        raise RuleError(f"confirm.unconfirmed: must be {INFO!r} or 'drop', got {json.dumps(unconfirmed)}")
+    return ConfirmSpec(confirm_key, kind, dict(params), window, unconfirmed)
 
 
 class RuleEvaluator:
@@ -271,19 +280,19 @@ class RuleEvaluator:
 
     def update(self, key: str, step: int, value: float) -> Finding | None:
         if key == self.key:
+            expired = self._expire(step)
             found = self._primary.update(step, value)
             if found is None:
-                return None
+                return expired
             if self.spec.confirm is None:
                 return self._finish(found)
-            window = self.spec.confirm.window
-            agree = [s for s in self._confirmed_at if abs(s - step) <= window]
+            agree = [s for s in self._confirmed_at if abs(s - step) <= self.spec.confirm.window]
             if agree:
                 return self._finish(found, agree[-1])
             self._pending.append(found)
-            while len(self._pending) > MAX_PENDING or (self._pending and self._pending[0].step < step - 4 * window - 1):
+            while len(self._pending) > MAX_PENDING:
                 self._pending.popleft()
-            return None
+            return expired
         if self._confirm is not None and self.spec.confirm is not None and key == self.spec.confirm.key:
             if self._confirm.update(step, value) is None:
                 return None
@@ -301,6 +310,23 @@ class RuleEvaluator:
             nearest = min(matched, key=lambda f: (abs(f.step - step), f.step))
             return self._finish(nearest, step)
         return None
+
+    def _expire(self, step: int) -> Finding | None:
+        """Findings whose window has passed unconfirmed (every point up to ``step - 1`` has been
+        fed): the newest of them as ``info``, unless the rule drops them."""
+        confirm = self.spec.confirm
+        if confirm is None:
+            return None
+        newest = None
+        while self._pending and self._pending[0].step + confirm.window < step:
+            newest = self._pending.popleft()
+            if isinstance(self._primary, RobustSpike):
+                self._primary.accept(newest.value)  # a level shift: the new level becomes the normal
+        if newest is None or confirm.unconfirmed != INFO:
+            return None
+        data = {**newest.data, "rule": self.spec.name, "key": self.key, "unconfirmed": True}
+        message = f"{newest.message}; {confirm.key} did not confirm it within {confirm.window} steps"
+        return replace(newest, severity=INFO, message=message, data=data)
 
     def _finish(self, found: Finding, confirmed_at: int | None = None) -> Finding:
         severity = self.spec.severity or found.severity

@@ -18,7 +18,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-WARNING, CRITICAL = "warning", "critical"
+INFO, WARNING, CRITICAL = "info", "warning", "critical"
+# Severity order: an info finding is an annotation (never notified, never acted on); warning
+# and critical page.
+SEVERITY_RANK = {INFO: 0, WARNING: 1, CRITICAL: 2}
 
 
 @dataclass(frozen=True)
@@ -255,14 +258,20 @@ class RobustSpike(Detector):
     steps keeps firing instead of becoming the new normal. Non-finite values are skipped
     (NonFinite reports them). A series that is constant through warm-up has a scale of
     ``rel_floor`` x |median| (or 1e-12 at zero), so it is meant for loss and gradient norms,
-    not for values that sit exactly still."""
+    not for values that sit exactly still. ``min_ratio`` (0: off) also asks the value to be at
+    least that many times the median: on a series as steady as a gradient norm a small rise is
+    many deviations, and ``min_ratio`` says how large a jump counts at all."""
 
     kind = "robust_spike"
 
-    def __init__(self, z: float = 8.0, window: int = 200, warmup: int = 50, rel_floor: float = 0.01) -> None:
-        if window < 3 or not 3 <= warmup <= window or z <= 0 or rel_floor < 0:
-            raise ValueError("robust_spike: need window >= 3, 3 <= warmup <= window, z > 0, rel_floor >= 0")
-        self.z, self.window, self.warmup, self.rel_floor = z, window, warmup, rel_floor
+    def __init__(
+        self, z: float = 8.0, window: int = 200, warmup: int = 50, rel_floor: float = 0.01, min_ratio: float = 0.0
+    ) -> None:
+        if window < 3 or not 3 <= warmup <= window or z <= 0 or rel_floor < 0 or min_ratio < 0:
+            raise ValueError(
+                "robust_spike: need window >= 3, 3 <= warmup <= window, z > 0, rel_floor >= 0, min_ratio >= 0"
+            )
+        self.z, self.window, self.warmup, self.rel_floor, self.min_ratio = z, window, warmup, rel_floor, min_ratio
         self._recent: deque[float] = deque()  # accepted values, oldest first
         self._sorted: list[float] = []
 
@@ -282,7 +291,7 @@ class RobustSpike(Detector):
         if base is not None:
             median, scale = base
             score = (value - median) / scale
-            if score > self.z:
+            if score > self.z and (self.min_ratio <= 0 or value >= self.min_ratio * median > 0):
                 return Finding(
                     self.kind,
                     step,
@@ -294,6 +303,12 @@ class RobustSpike(Detector):
                 )
         self._accept(value)
         return None
+
+    def accept(self, value: float) -> None:
+        """Take a flagged value into the baseline after all (a rule whose confirmation never
+        came: the value is a new level, not a spike)."""
+        if math.isfinite(value):
+            self._accept(value)
 
     def _accept(self, value: float) -> None:
         self._recent.append(value)
@@ -309,12 +324,13 @@ class RobustSpike(Detector):
             "window": self.window,
             "warmup": self.warmup,
             "rel_floor": self.rel_floor,
+            "min_ratio": self.min_ratio,
             "recent": list(self._recent),
         }
 
     @classmethod
     def _from_state(cls, state: dict[str, Any]) -> Detector:
-        d = cls(state["z"], state["window"], state["warmup"], state["rel_floor"])
+        d = cls(state["z"], state["window"], state["warmup"], state["rel_floor"], state.get("min_ratio", 0.0))
         for value in state["recent"]:
             d._accept(float(value))
         return d

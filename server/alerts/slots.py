@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimtab.detectors import CRITICAL, WARNING, Finding, RuleEvaluator, RuleSpec
+from trimtab.detectors import SEVERITY_RANK, Finding, RuleEvaluator, RuleSpec
 from trimtab.server.alerts.store import QUIET, RULE_REMOVED, OpenAlert
 
 NO_STEP = -(2**63)  # detector_states.step of a slot that has seen nothing of its key
@@ -167,8 +167,8 @@ def feed_point(
     if alert is None:
         slot.open = OpenAlert(0, found.severity, found.step, False)
         _op(slot, Op("open", slot, slot.open, found, silent=silent), ops)
-    elif alert.severity == WARNING and found.severity == CRITICAL:
-        alert.severity = CRITICAL
+    elif SEVERITY_RANK.get(found.severity, 1) > SEVERITY_RANK.get(alert.severity, 1):
+        alert.severity = found.severity
         alert.last_step = max(alert.last_step, found.step)
         _op(slot, Op("escalate", slot, alert, found, silent=silent), ops)
     else:

@@ -147,11 +147,13 @@ def fold(
     now: float,
     severity: str | None = None,
     persistent_remedy: str | None = None,
+    remedy: str | None = None,
 ) -> bool:
     """Fold ``count`` later findings into the firing alert, ``finding`` the newest of them (and
-    set ``severity`` when given: an escalation; and ``persistent_remedy`` as the remedy once
-    the alert holds ``PERSISTENT_COUNT`` findings: the value stayed up). False when it is not
-    firing any more (another replica resolved it)."""
+    set ``severity`` when given: an escalation; ``remedy`` when given: an info alert escalated
+    takes its rule's hint; and ``persistent_remedy`` as the remedy once the alert holds
+    ``PERSISTENT_COUNT`` findings: the value stayed up). False when it is not firing any more
+    (another replica resolved it)."""
     values: dict[str, Any] = {
         "count": alerts.c.count + count,
         "last_step": alert.last_step,
@@ -163,8 +165,11 @@ def fold(
     }
     if severity is not None:
         values["severity"] = severity
+    current = alerts.c.remedy if remedy is None else remedy[:TEXT_LIMIT]
     if persistent_remedy is not None:
-        values["remedy"] = case((alerts.c.count + count >= PERSISTENT_COUNT, persistent_remedy), else_=alerts.c.remedy)
+        values["remedy"] = case((alerts.c.count + count >= PERSISTENT_COUNT, persistent_remedy), else_=current)
+    elif remedy is not None:
+        values["remedy"] = current
     result = conn.execute(update(alerts).where(alerts.c.id == alert.id, alerts.c.status == FIRING).values(**values))
     return result.rowcount == 1
 

@@ -1,5 +1,7 @@
 """Alert rows from the slots' ops: open, fold, escalate, resolve, each with its outbox
-notification in the same transaction. The database is the truth across replicas: a fold or
+notification in the same transaction. An ``info`` alert (an annotation: a level shift the
+gradients did not confirm, or a rule of severity info) is never notified; when a later
+finding of its slot pages, it escalates and is announced as firing. The database is the truth across replicas: a fold or
 escalation applies only to an alert still firing; when another replica resolved it, or
 opened one meanwhile, the slot takes the alert the database has."""
 
@@ -11,8 +13,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from trimtab.detectors import CRITICAL, WARNING
-from trimtab.detectors.remedies import REMEDY_PERSISTENT_JUMP, REMEDY_SPIKE
+from trimtab.detectors import INFO, SEVERITY_RANK, Finding
+from trimtab.detectors.remedies import REMEDY_PERSISTENT_JUMP, REMEDY_SHIFT, REMEDY_SPIKE
 from trimtab.server.alerts import outbox
 from trimtab.server.alerts import store as db
 from trimtab.server.alerts.slots import EngineStats, Op, RunState
@@ -52,6 +54,7 @@ class AlertWriter:
         slot = op.slot
         if op.kind != "open":
             escalate = op.kind == "escalate"
+            was_notified = alert.notified
             announce = escalate and not op.silent  # news even for an alert that opened silently
             # A silent alert (opened in cooldown, or by replayed history) that live findings
             # keep firing is announced once no cooldown holds it back any more.
@@ -59,24 +62,30 @@ class AlertWriter:
                 not alert.notified
                 and not escalate
                 and not op.silent
+                and found.severity != INFO  # info findings never page, even into a paging alert
                 and not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
             )
             notified = alert.notified or announce or late
-            persistent = REMEDY_PERSISTENT_JUMP if slot.spec.remedy == REMEDY_SPIKE else None
-            if db.fold(conn, alert, found, op.count, notified, now, CRITICAL if escalate else None, persistent):
+            severity = found.severity if escalate else None
+            paging = alert.severity != INFO  # the slot's severity after this op; info keeps "nothing is wrong"
+            persistent = REMEDY_PERSISTENT_JUMP if slot.spec.remedy == REMEDY_SPIKE and paging else None
+            remedy = slot.spec.remedy if escalate else None  # an info alert's shift hint gives way
+            if db.fold(conn, alert, found, op.count, notified, now, severity, persistent, remedy):
                 alert.notified = notified
                 if escalate:
-                    alert.severity = CRITICAL
+                    alert.severity = found.severity
                 if announce or late:
-                    return self.notify(conn, alert.id, "escalated" if announce else "firing")
+                    return self.notify(conn, alert.id, "escalated" if announce and was_notified else "firing")
                 return 0
         # Opening, or the alert is no longer firing: go by the slot's alert in the database
         # (another replica may have resolved this one, or opened one meanwhile).
         current = db.firing_alert(conn, rs.run_id, slot.rank, slot.spec.name, slot.key)
         if current is not None and current.id != alert.id:
             return self._fold_into(conn, op, current, now)
-        alert.notified = not op.silent and not db.in_cooldown(
-            conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now
+        alert.notified = (
+            found.severity != INFO
+            and not op.silent
+            and not db.in_cooldown(conn, rs.run_id, slot.spec.name, slot.key, slot.spec.cooldown_s, now)
         )
         alert.severity = found.severity
         alert.id = db.open_alert(
@@ -86,7 +95,7 @@ class AlertWriter:
             rank=slot.rank,
             rule=slot.spec.name,
             key=slot.key,
-            remedy=slot.spec.remedy,
+            remedy=_remedy(slot.spec.remedy, found),
             finding=found,
             notified=alert.notified,
             now=now,
@@ -108,23 +117,31 @@ class AlertWriter:
         if found.step <= current.last_step:  # that replica had this finding already
             alert.last_step = max(alert.last_step, current.last_step)
             return 0
-        escalate = current.severity == WARNING and found.severity == CRITICAL
+        escalate = SEVERITY_RANK.get(found.severity, 1) > SEVERITY_RANK.get(current.severity, 1)
         announce = escalate and not op.silent
         alert.last_step = max(alert.last_step, current.last_step)
-        persistent = REMEDY_PERSISTENT_JUMP if op.slot is not None and op.slot.spec.remedy == REMEDY_SPIKE else None
-        severity = CRITICAL if escalate else None
-        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, severity, persistent):
+        spec_remedy = op.slot.spec.remedy if op.slot is not None else None
+        severity = found.severity if escalate else None
+        paging = (severity or current.severity) != INFO
+        persistent = REMEDY_PERSISTENT_JUMP if spec_remedy == REMEDY_SPIKE and paging else None
+        remedy = spec_remedy if escalate else None
+        if not db.fold(conn, alert, found, op.count, current.notified or announce, now, severity, persistent, remedy):
             return 0  # resolved again meanwhile: the next finding opens a new one
         alert.notified = current.notified or announce
         if escalate:
-            alert.severity = CRITICAL
-        return self.notify(conn, alert.id, "escalated") if announce else 0
+            alert.severity = found.severity
+        return self.notify(conn, alert.id, "escalated" if current.notified else "firing") if announce else 0
 
     def notify(self, conn: Connection, alert_id: int, event: str) -> int:
         """Queue the alert's notification (its payload as of now) in the outbox."""
         queued = outbox.enqueue(conn, alert_id, event, db.payload_of(conn, alert_id, self.base_url))
         self.stats.notifications += queued
         return queued
+
+
+def _remedy(rule_remedy: str, found: Finding) -> str:
+    """An unconfirmed finding (a level shift, info) says nothing is wrong; else the rule's hint."""
+    return REMEDY_SHIFT if found.data.get("unconfirmed") else rule_remedy
 
 
 def _provenance_body(data: Any) -> dict[str, Any]:

@@ -78,26 +78,55 @@ def _series(n: int, spike_at: int | None, base: float) -> list[float]:
 
 
 @pytest.mark.parametrize("loss_first", [True, False])
-def test_agreement_fires_once_in_either_order(loss_first: bool) -> None:
+@pytest.mark.parametrize(("loss_at", "grad_at"), [(40, 41), (41, 40), (40, 40)])
+def test_agreement_fires_once_in_either_order(loss_first: bool, loss_at: int, grad_at: int) -> None:
     ev = RuleEvaluator(parse_rule(SPIKE), "loss")
     assert ev.keys == ("loss", "grad_norm/total")
-    loss, grad = _series(60, 40, 2.0), _series(60, 41, 5.0)
-    order = [("loss", loss), ("grad_norm/total", grad)] if loss_first else [("grad_norm/total", grad), ("loss", loss)]
-    found = [f for key, values in order for step, v in enumerate(values) if (f := ev.update(key, step, v))]
-    assert len(found) == 1
-    assert found[0].step == 40 and found[0].data["confirmed_by"] == {"key": "grad_norm/total", "step": 41}
+    loss, grad = _series(60, loss_at, 2.0), _series(60, grad_at, 5.0)
+    order = ("loss", "grad_norm/total") if loss_first else ("grad_norm/total", "loss")
+    series = {"loss": loss, "grad_norm/total": grad}
+    found = [f for step in range(60) for key in order if (f := ev.update(key, step, series[key][step]))]
+    assert len(found) == 1 and found[0].severity == "warning"
+    assert found[0].step == loss_at and found[0].data["confirmed_by"] == {"key": "grad_norm/total", "step": grad_at}
 
 
-def test_unconfirmed_spike_is_silent_and_far_apart_signals_do_not_agree() -> None:
-    ev = RuleEvaluator(parse_rule(SPIKE), "loss")
-    loss, grad = _series(60, 30, 2.0), _series(60, 50, 5.0)  # 20 steps apart, window 3
-    found = [
+def _fed(spec: dict[str, Any], loss: list[float], grad: list[float]) -> list[Any]:
+    ev = RuleEvaluator(parse_rule(spec), "loss")
+    return [
         f
-        for step in range(60)
+        for step in range(len(loss))
         for key, v in (("loss", loss[step]), ("grad_norm/total", grad[step]))
         if (f := ev.update(key, step, v))
     ]
-    assert found == []
+
+
+def test_an_unconfirmed_finding_is_an_info_annotation_once_its_window_passed() -> None:
+    loss, grad = _series(60, 30, 2.0), _series(60, 50, 5.0)  # 20 steps apart, window 3
+    [found] = _fed(SPIKE, loss, grad)
+    assert (found.severity, found.step, found.data["unconfirmed"]) == ("info", 30, True)
+    assert "grad_norm/total did not confirm it within 3 steps" in found.message
+    # The grad-norm spike at 50 has no loss finding near it: nothing more.
+
+
+def test_unconfirmed_findings_can_be_dropped() -> None:
+    body = {**SPIKE, "confirm": {**SPIKE["confirm"], "unconfirmed": "drop"}}
+    assert _fed(body, _series(60, 30, 2.0), _series(60, 50, 5.0)) == []
+    with pytest.raises(RuleError, match=r"confirm\.unconfirmed"):
+        parse_rule({**SPIKE, "confirm": {**SPIKE["confirm"], "unconfirmed": "warn"}})
+
+
+def test_a_level_shift_is_info_and_a_spike_with_a_gradient_jump_pages() -> None:
+    """The shipped loss-spike rule: the loss steps up and stays (the gradient norm rises 2x:
+    healthy) gives info findings only; the same jump with the gradient norm 10x pages."""
+    rule = next(r for r in DEFAULT_RULES if r.name == "loss-spike")
+    body = rule.to_dict()
+    loss = [2.0 * (1 + 0.01 * math.sin(i)) * (1.6 if i >= 100 else 1) for i in range(160)]
+    calm = [0.5 * (1 + 0.01 * math.cos(i)) * (2 if 100 <= i < 110 else 1) for i in range(160)]
+    shift = _fed(body, loss, calm)
+    assert shift and {f.severity for f in shift} == {"info"} and shift[0].step == 100
+    jump = [0.5 * (1 + 0.01 * math.cos(i)) * (10 if i == 100 else 1) for i in range(160)]
+    paged = _fed(body, loss, jump)
+    assert paged[0].step == 100 and paged[0].severity == "critical"
 
 
 def test_rule_severity_overrides_detector() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.server.test_alert_engine import Rig
+from tests.server.test_alert_engine import Rig, add_sink, deliveries
 from trimtab.server.db.engine import make_engine
 from trimtab.server.db.store import Store
 
@@ -106,3 +106,39 @@ def test_a_jump_that_stays_up_is_not_told_to_skip_a_batch(store: Store) -> None:
     assert remedies["one-batch"][2].startswith("Skip the offending batch")
     assert remedies["stays-up"][0] == CORRUPT_AT and remedies["stays-up"][1] >= 8
     assert "roll back" in remedies["stays-up"][2] and "skipping a batch will not help" in remedies["stays-up"][2]
+
+
+def test_a_level_shift_is_an_info_alert_nobody_is_paged_for(store: Store) -> None:
+    """The loss steps up and stays while the gradient norm barely moves (new data): the shipped
+    loss rules open info alerts that say nothing is wrong, and no notification is queued. A
+    real spike during it (the gradient norm jumps 40x) escalates the info alert, which is then
+    announced as firing, with the rule's hint (the jump one: the loss has stayed up)."""
+    add_sink(store)
+    rig = Rig(store)
+    try:
+        rng = random.Random(5)
+        loss = [(s, 2.0 * (1.6 if s >= 300 else 1.0) + rng.gauss(0, 0.01)) for s in range(600)]
+        grad = [(s, (1.3 if 300 <= s < 315 else 1.0) + rng.gauss(0, 0.03)) for s in range(600)]
+        run_id = rig.run("shift")
+        for start in range(0, 340, 20):
+            rig.send(run_id, {"loss": loss[start : start + 20], "grad_norm/total": grad[start : start + 20]})
+        shift = {a["rule"]: a for a in rig.alerts(run_id)}
+        assert set(shift) == {"loss-spike"}  # the divergence waits 50 steps for its confirmation
+        assert shift["loss-spike"]["severity"] == "info" and not shift["loss-spike"]["notified"]
+        assert shift["loss-spike"]["first_step"] == 300 and shift["loss-spike"]["remedy"].startswith(
+            "Nothing looks wrong"
+        )
+        assert deliveries(store) == []
+        spike = {"loss": [(340, 40.0)], "grad_norm/total": [(340, 40.0)]}
+        rig.send(run_id, spike)
+        rig.send(run_id, {"loss": loss[341:], "grad_norm/total": grad[341:]})
+        (escalated,) = [a for a in rig.alerts(run_id) if a["rule"] == "loss-spike"]
+        (rise,) = [a for a in rig.alerts(run_id) if a["rule"] == "loss-divergence"]
+        assert rise["severity"] == "info" and not rise["notified"] and 300 < rise["first_step"] < 340
+        assert escalated["severity"] == "critical" and escalated["notified"] is True
+        assert not escalated["remedy"].startswith("Nothing looks wrong")  # the rule's own hint again
+        pages = [(a, e, p["severity"]) for a, e, p in deliveries(store) if p["rule"] == "loss-spike"]
+        assert pages[0] == (escalated["id"], "firing", "critical")  # then "resolved" once it is quiet
+        assert all(p["severity"] != "info" for _, _, p in deliveries(store))
+    finally:
+        rig.stop()
