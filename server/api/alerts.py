@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from trimtab.detectors import CRITICAL, WARNING
+from trimtab.detectors import CRITICAL, INFO, WARNING
 from trimtab.protocol import INT32_MAX, INT64_MAX
 from trimtab.server.alerts import store as alert_store
 from trimtab.server.alerts.rules import RuleStore, Scope, SourcedRule, check_body
@@ -72,7 +72,7 @@ class AlertOut(BaseModel):
     rule: str
     key: str
     detector: str
-    severity: str  # warning | critical
+    severity: str  # info (an annotation, never notified) | warning | critical
     status: str  # firing | resolved
     message: str
     remedy: str
@@ -188,7 +188,7 @@ async def _write(
 # ---------------------------------------------------------------- alerts
 
 Status = Annotated[str | None, Query(pattern=f"^({FIRING}|{RESOLVED})$")]
-Severity = Annotated[str | None, Query(pattern=f"^({WARNING}|{CRITICAL})$")]
+Severity = Annotated[str | None, Query(pattern=f"^({INFO}|{WARNING}|{CRITICAL})$")]
 AfterId = Annotated[int | None, Query(ge=0, le=INT64_MAX, description="only alerts with a larger id")]
 BeforeId = Annotated[int | None, Query(ge=1, le=INT64_MAX, description="only alerts with a smaller id")]
 Order = Annotated[str, Query(pattern="^(newest|oldest)$", description="newest (default) or oldest first, by id")]

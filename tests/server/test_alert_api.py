@@ -163,13 +163,14 @@ def test_alerts_listing_filters_and_errors(server: ServerProcess, tmp_path: Path
     assert [a["id"] for a in call(server, "GET", f"/api/v1/alerts?after_id={oldest['id']}")[1]] == [newest["id"]]
     assert [a["id"] for a in call(server, "GET", f"/api/v1/alerts?before_id={newest['id']}")[1]] == [oldest["id"]]
     assert len(call(server, "GET", "/api/v1/alerts?project=listing&severity=critical")[1]) == 2
+    assert call(server, "GET", "/api/v1/alerts?project=listing&severity=info")[1] == []  # a filter, not an error
     assert call(server, "GET", "/api/v1/alerts?project=elsewhere")[1] == []
     assert call(server, "GET", f"/api/v1/alerts/{newest['id']}")[1]["id"] == newest["id"]
     values = {a["rule"]: a["value"] for a in (newest, oldest)}
     assert values == {"nonfinite-loss": "NaN", "nonfinite-grad-norm": "Infinity"}
     assert newest["url"].endswith(f"/runs/{run_id}")
 
-    for bad in ("status=open", "severity=info", "limit=0", "limit=1001", "after_id=-1", "order=random"):
+    for bad in ("status=open", "severity=notice", "limit=0", "limit=1001", "after_id=-1", "order=random"):
         assert _error(call(server, "GET", f"/api/v1/alerts?{bad}")) == (422, "invalid_request"), bad
     assert _error(call(server, "GET", "/api/v1/alerts/424242")) == (404, "alert_not_found")
     assert _error(call(server, "GET", "/api/v1/runs/424242/alerts")) == (404, "run_not_found")
