@@ -291,17 +291,13 @@ class AttentionProbe:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if not self._enter(module, name) or self._broken or not _recording():
                 return
-            start = time.perf_counter()
-            try:
-                mha = cast(nn.MultiheadAttention, module)
+            mha = cast(nn.MultiheadAttention, module)
+
+            def compute() -> torch.Tensor | None:
                 with _quiet(mha.out_proj.weight.device):
-                    value = mha_max_logit(mha, args, kwargs)
-                if value is not None:
-                    self._record(name, value)
-            except Exception as exc:
-                self._fail(name, exc)
-            finally:
-                self._seconds += time.perf_counter() - start
+                    return mha_max_logit(mha, args, kwargs)
+
+            self._measure(name, compute)
 
         return hook
 
@@ -311,20 +307,28 @@ class AttentionProbe:
         # is a torch function too, so the mode does not see the SDPA call within it anyway).
         if not stack or isinstance(stack[-1][0], nn.MultiheadAttention) or self._broken or not _recording():
             return
-        name = stack[-1][1]
-        start = time.perf_counter()
-        try:
+
+        def compute() -> torch.Tensor | None:
             given = dict(zip(_SDPA_ARGS, args, strict=False)) | kwargs
-            q = given["query"]
-            scale = given.get("scale")
+            q, scale = given["query"], given.get("scale")
             with _quiet(q.device):
-                value = max_logit(
+                return max_logit(
                     q,
                     given["key"],
                     1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                     given.get("attn_mask"),
                     bool(given.get("is_causal", False)),
                 )
+
+        self._measure(stack[-1][1], compute)
+
+    def _measure(self, name: str, compute: Callable[[], torch.Tensor | None]) -> None:
+        """Run one logit computation (reading the call's arguments included): timed for the
+        overhead governor, recorded, and never raising into the forward pass (a failure
+        stops the probe)."""
+        start = time.perf_counter()
+        try:
+            value = compute()
             if value is not None:
                 self._record(name, value)
         except Exception as exc:

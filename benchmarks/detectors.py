@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from detector_scenarios import SCENARIOS, Trace
 
-from trimtab.detectors import DEFAULT_RULES, GrossMagnitude, RuleEvaluator
+from trimtab.detectors import DEFAULT_RULES, INFO, GrossMagnitude, RuleEvaluator
 
 HORIZON = 150
 MERGE = 50
@@ -68,7 +68,8 @@ def trimtab_method(trace: Trace) -> list[int]:
     alarms = []
     for step, key, value in trace.points():
         for ev in feeds.get(key, ()):
-            if ev.update(key, step, value) is not None:
+            found = ev.update(key, step, value)
+            if found is not None and found.severity != INFO:  # info is an annotation: it pages nobody
                 alarms.append(step)
     return alarms
 
