@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import trimtab
+from tests.dashboard.test_session import _answers, start_dashboard
 from tests.helpers import ServerProcess, api_get, free_port, wait_until
 
 
@@ -77,5 +78,41 @@ def test_a_refused_agent_is_told_how_to_fix_it(
             run.finish(timeout=0.5)
         assert "unauthorized" in caplog.text and "Fix: pass token= to trimtab.init or set TRIMTAB_TOKEN" in caplog.text
         assert "trimtab token create --scopes ingest" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_a_dashboard_of_its_own_offers_the_local_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trimtab dashboard --api-url` against the server on this machine prints a login link
+    with the server's local token (as the server does); with a token the API refuses, none."""
+    data = tmp_path / "data"
+    monkeypatch.setenv("TRIMTAB_DATA_DIR", str(data))  # the dashboard subprocess inherits it
+    server = started(data, tmp_path, free_port())
+    try:
+        token = (data / "local-token").read_text().strip()
+        proc, port = start_dashboard(server.url)
+        try:
+            lines = [proc.stdout.readline() for _ in range(2)] if proc.stdout else []
+            link = f"http://127.0.0.1:{port}/login?token={token}"
+            assert any(link in line for line in lines), lines
+            wait_until(lambda: _answers(f"http://127.0.0.1:{port}/login", proc), 60, "the dashboard")
+            jar = http.cookiejar.CookieJar()
+            browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+            with browser.open(link + "&next=/", timeout=30) as resp:
+                assert resp.status == 200 and b"API token" not in resp.read()  # logged in, not the form
+        finally:
+            proc.terminate()
+            proc.wait(15)
+
+        (data / "local-token").write_text("tt_not_a_token_of_this_server\n")
+        proc, port = start_dashboard(server.url)
+        try:
+            first = proc.stdout.readline() if proc.stdout else ""
+            assert "login on" in first, first
+            wait_until(lambda: _answers(f"http://127.0.0.1:{port}/login", proc), 60, "the dashboard")
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=15)[0]
+        assert "login?token=" not in first + out
     finally:
         server.stop()
